@@ -1,0 +1,210 @@
+// Command kube-userspace-proxy makes Kubernetes Services work on a node from
+// user space: it listens on a port of its own for every service port, has
+// iptables redirect each Service address there, and carries the traffic to
+// the Service's pods.
+//
+//	kube-userspace-proxy --manifests lab.yaml    serve the Services of a manifest
+//	kube-userspace-proxy --cleanup               remove our iptables rules and exit
+//
+// Exit codes: 0 after --version, --help, a clean --cleanup, or a stop by
+// SIGTERM or SIGINT; 1 on any error (a bad flag, a manifest that does not
+// load, a failed cleanup).
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/sirupsen/logrus"
+	"github.com/spf13/cobra"
+
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/iptables"
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy"
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/portalloc"
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/userspace"
+)
+
+// version is set at build time: -ldflags "-X main.version=v0.1.0".
+var version = "v0.0.0-dev"
+
+// options are the command-line flags, as given.
+type options struct {
+	manifests        string
+	bindAddress      string
+	proxyPortRange   string
+	udpTimeout       time.Duration
+	syncPeriod       time.Duration
+	iptablesBackend  string
+	hostnameOverride string
+	cleanup          bool
+	logFormat        string
+	verbosity        int
+	showVersion      bool
+}
+
+func main() {
+	if err := newCommand().Execute(); err != nil {
+		os.Exit(1)
+	}
+}
+
+func newCommand() *cobra.Command {
+	o := &options{}
+	cmd := &cobra.Command{
+		Use:   "kube-userspace-proxy",
+		Short: "A userspace Service proxy for Kubernetes nodes",
+		Long: `kube-userspace-proxy makes Kubernetes Services work on a node from user space.
+For every service port it opens a listener on the node, has iptables redirect
+the Service's ClusterIP (and NodePort, external and load-balancer IPs) there,
+and carries each connection to one of the Service's pods, round robin.`,
+		Args: func(cmd *cobra.Command, args []string) error {
+			if len(args) > 0 {
+				return fmt.Errorf("%q does not take any arguments, got %q", cmd.CommandPath(), args)
+			}
+			return nil
+		},
+		SilenceErrors: true,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cmd.SilenceUsage = true // from here on, errors are not about usage
+			err := o.run(cmd)
+			if err != nil {
+				fmt.Fprintf(os.Stderr, "Error: %v\n", err)
+			}
+			return err
+		},
+	}
+	cmd.SetFlagErrorFunc(func(c *cobra.Command, err error) error {
+		fmt.Fprintf(os.Stderr, "Error: %v\nRun '%s --help' for the flags.\n", err, c.CommandPath())
+		return err
+	})
+	f := cmd.Flags()
+	f.StringVar(&o.manifests, "manifests", "", "file or directory of YAML/JSON Services, EndpointSlices and Pods to serve; re-read when it changes")
+	f.StringVar(&o.bindAddress, "bind-address", "0.0.0.0", "node IPv4 address the listeners bind to; 0.0.0.0 for all (iptables then uses REDIRECT, otherwise DNAT to this address)")
+	f.StringVar(&o.proxyPortRange, "proxy-port-range", "", "node ports for our listeners: begin-end, begin+offset, or empty for ports the kernel chooses")
+	f.DurationVar(&o.udpTimeout, "udp-timeout", userspace.DefaultUDPTimeout, "how long an idle UDP session lives; raise it for protocols whose replies come slowly (DNS over slow upstreams, game servers)")
+	f.DurationVar(&o.syncPeriod, "iptables-sync-period", 30*time.Second, "how often everything is applied again even without a change, putting back rules someone else deleted")
+	f.StringVar(&o.iptablesBackend, "iptables-backend", "auto", "iptables backend: legacy, nft, or auto (the one the node already uses)")
+	f.StringVar(&o.hostnameOverride, "hostname-override", "", "this node's name, for internalTrafficPolicy Local; default the lower-cased hostname")
+	f.BoolVar(&o.cleanup, "cleanup", false, "remove our iptables chains and rules from every backend, then exit")
+	f.StringVar(&o.logFormat, "log-format", "text", "log format: text or json")
+	f.IntVarP(&o.verbosity, "v", "v", 0, "log verbosity: 0-2 info, 3-4 debug, 5 and up trace")
+	f.BoolVar(&o.showVersion, "version", false, "print the version and exit")
+	return cmd
+}
+
+func (o *options) run(cmd *cobra.Command) error {
+	if o.showVersion {
+		fmt.Fprintf(cmd.OutOrStdout(), "kube-userspace-proxy %s\n", version)
+		return nil
+	}
+	log, err := o.logger()
+	if err != nil {
+		return err
+	}
+	if o.cleanup {
+		if err := proxy.Cleanup(log); err != nil {
+			return fmt.Errorf("encountered an error while tearing down rules: %w", err)
+		}
+		return nil
+	}
+	cfg, err := o.config(log)
+	if err != nil {
+		return err
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	return proxy.Run(ctx, cfg)
+}
+
+// config checks the flags and turns them into a proxy.Config. Every message
+// names the flag, the value and what is allowed.
+func (o *options) config(log logrus.FieldLogger) (proxy.Config, error) {
+	var errs []error
+	bind, err := netip.ParseAddr(o.bindAddress)
+	switch {
+	case err != nil:
+		errs = append(errs, fmt.Errorf("--bind-address %q: not an IP address (want a node IPv4 address, or 0.0.0.0)", o.bindAddress))
+	case bind.IsLoopback():
+		errs = append(errs, fmt.Errorf("--bind-address %s: %w", bind, userspace.ErrLoopbackBind))
+	case !bind.Is4():
+		errs = append(errs, fmt.Errorf("--bind-address %s: only IPv4 is supported so far (want a node IPv4 address, or 0.0.0.0)", bind))
+	}
+	ports, err := portalloc.Parse(o.proxyPortRange)
+	if err != nil {
+		errs = append(errs, err)
+	}
+	if o.udpTimeout <= 0 {
+		errs = append(errs, fmt.Errorf("--udp-timeout %s: must be greater than 0", o.udpTimeout))
+	}
+	if o.syncPeriod <= 0 {
+		errs = append(errs, fmt.Errorf("--iptables-sync-period %s: must be greater than 0", o.syncPeriod))
+	}
+	var backend iptables.Backend
+	switch o.iptablesBackend {
+	case "auto":
+	case "legacy", "nft":
+		backend = iptables.Backend(o.iptablesBackend)
+	default:
+		errs = append(errs, fmt.Errorf("--iptables-backend %q: want legacy, nft or auto", o.iptablesBackend))
+	}
+	if o.manifests == "" {
+		errs = append(errs, errors.New("--manifests: required (a file or directory of Services, EndpointSlices and Pods)"))
+	}
+	nodeName := o.hostnameOverride
+	if nodeName == "" {
+		h, err := os.Hostname()
+		if err != nil {
+			errs = append(errs, fmt.Errorf("find the node name: %w (set --hostname-override)", err))
+		}
+		nodeName = strings.ToLower(h)
+	}
+	if len(errs) > 0 {
+		return proxy.Config{}, errors.Join(errs...)
+	}
+	return proxy.Config{
+		Manifests: o.manifests,
+		Listeners: userspace.Config{
+			BindAddress: bind,
+			Ports:       ports,
+			UDPTimeout:  o.udpTimeout,
+			Log:         log,
+		},
+		Backend:    backend,
+		NodeName:   nodeName,
+		SyncPeriod: o.syncPeriod,
+		Log:        log,
+	}, nil
+}
+
+// logger builds the logrus logger that every part receives. Levels follow
+// Kubernetes' verbosity: 0-2 info, 3-4 debug, 5 and up trace.
+func (o *options) logger() (*logrus.Logger, error) {
+	l := logrus.New()
+	l.Out = os.Stderr
+	switch o.logFormat {
+	case "text":
+		l.Formatter = &logrus.TextFormatter{DisableColors: true, FullTimestamp: true}
+	case "json":
+		l.Formatter = &logrus.JSONFormatter{}
+	default:
+		return nil, fmt.Errorf("--log-format %q: want text or json", o.logFormat)
+	}
+	switch {
+	case o.verbosity < 0:
+		return nil, fmt.Errorf("-v %d: must be 0 or more", o.verbosity)
+	case o.verbosity >= 5:
+		l.Level = logrus.TraceLevel
+	case o.verbosity >= 3:
+		l.Level = logrus.DebugLevel
+	default:
+		l.Level = logrus.InfoLevel
+	}
+	return l, nil
+}

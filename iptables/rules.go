@@ -1,0 +1,161 @@
+// Package iptables points Service addresses at our listeners. The kernel does
+// the smallest job there is: a packet to ClusterIP:port is redirected, by the
+// nat table, to the node port where our listener waits. It knows Linux and
+// iptables, not Kubernetes: it is given Redirects and keeps its own chains
+// equal to them.
+//
+// Chains, and the legacy kube-proxy userspace chain each one stands for:
+//
+//	KUP-PORTALS-CONTAINER   nat, from PREROUTING (top)   KUBE-PORTALS-CONTAINER
+//	KUP-PORTALS-HOST        nat, from OUTPUT (top)       KUBE-PORTALS-HOST
+//	KUP-NODEPORT-CONTAINER  nat, from PREROUTING (end)   KUBE-NODEPORT-CONTAINER
+//	KUP-NODEPORT-HOST       nat, from OUTPUT (end)       KUBE-NODEPORT-HOST
+//	KUP-NODEPORT-NON-LOCAL  filter, from INPUT (top)     KUBE-NODEPORT-NON-LOCAL
+//
+// PREROUTING sees packets that arrive from pods and other hosts; OUTPUT sees
+// packets the node itself sends. Our names differ from upstream's because
+// kube-proxy's iptables mode deletes the KUBE-PORTALS-* chains it finds.
+// See docs/iptables.md for every rule, explained.
+package iptables
+
+import (
+	"fmt"
+	"net/netip"
+	"strings"
+)
+
+// Chain names. Each is at most 28 characters, the kernel's limit.
+const (
+	ChainPortalsContainer  = "KUP-PORTALS-CONTAINER"
+	ChainPortalsHost       = "KUP-PORTALS-HOST"
+	ChainNodePortContainer = "KUP-NODEPORT-CONTAINER"
+	ChainNodePortHost      = "KUP-NODEPORT-HOST"
+	ChainNodePortNonLocal  = "KUP-NODEPORT-NON-LOCAL"
+)
+
+// Kind is what kind of address a Redirect catches.
+type Kind int
+
+// The kinds of address a Service is reached at.
+const (
+	// ClusterIP is the Service's virtual IP (spec.clusterIP).
+	ClusterIP Kind = iota
+	// LoadBalancerIP is a load balancer's ingress IP
+	// (status.loadBalancer.ingress[].ip), caught like the ClusterIP.
+	LoadBalancerIP
+	// ExternalIP is an address of spec.externalIPs. From the node itself it
+	// is caught only when it is one of the node's own addresses.
+	ExternalIP
+	// NodePort is spec.ports[].nodePort on every local address of the node.
+	NodePort
+)
+
+// Redirect sends traffic for one frontend of a service port to our listener.
+// Say which port: Port is the port clients use (the Service port, or the
+// NodePort); ToPort is our listener's port on the node.
+type Redirect struct {
+	Kind     Kind
+	IP       netip.Addr // unused for NodePort
+	Port     uint16
+	Protocol string // "tcp" or "udp"
+	ToPort   uint16
+	// Comment names the service port (namespace/name:port). Only letters,
+	// digits and ._:/- are kept; anything else becomes '_', so no name from
+	// a manifest can change what a rule means.
+	Comment string
+}
+
+// jump is a rule in a built-in chain that sends packets to one of ours.
+type jump struct {
+	table, from string
+	first       bool // insert at the top, else append
+	spec        []string
+}
+
+// jumps are the rules that hook our chains into the kernel's. Portal jumps
+// go first in PREROUTING and OUTPUT; NodePort jumps go last and only for
+// packets to a local address, so a ClusterIP or load-balancer rule always wins
+// over a NodePort that happens to use the same port number.
+var jumps = []jump{
+	{"nat", "PREROUTING", true, []string{"-m", "comment", "--comment", "kube-userspace-proxy service portals", "-j", ChainPortalsContainer}},
+	{"nat", "OUTPUT", true, []string{"-m", "comment", "--comment", "kube-userspace-proxy service portals", "-j", ChainPortalsHost}},
+	{"nat", "PREROUTING", false, []string{"-m", "addrtype", "--dst-type", "LOCAL", "-m", "comment", "--comment", "kube-userspace-proxy service nodeports; must stay last", "-j", ChainNodePortContainer}},
+	{"nat", "OUTPUT", false, []string{"-m", "addrtype", "--dst-type", "LOCAL", "-m", "comment", "--comment", "kube-userspace-proxy service nodeports; must stay last", "-j", ChainNodePortHost}},
+	{"filter", "INPUT", true, []string{"-m", "comment", "--comment", "kube-userspace-proxy lets non-local nodeport traffic reach its listeners", "-j", ChainNodePortNonLocal}},
+}
+
+// Render returns the iptables-restore input that sets our chains to exactly
+// redirects. bind is --bind-address: the unspecified address (0.0.0.0) means
+// our listeners take any local address, so REDIRECT is enough; any other
+// address means the listeners are bound there, so packets are DNATed to it.
+func Render(redirects []Redirect, bind netip.Addr) []byte {
+	var b strings.Builder
+	b.WriteString("*nat\n")
+	for _, c := range []string{ChainPortalsContainer, ChainPortalsHost, ChainNodePortContainer, ChainNodePortHost} {
+		fmt.Fprintf(&b, ":%s - [0:0]\n", c)
+	}
+	for _, r := range redirects {
+		target := redirectTarget(r, bind)
+		match := fmt.Sprintf("-p %s -m comment --comment %q -m %s --dport %d", r.Protocol, safeComment(r.Comment), r.Protocol, r.Port)
+		switch r.Kind {
+		case ClusterIP, LoadBalancerIP:
+			// Pods and the node alike are sent to our listener.
+			fmt.Fprintf(&b, "-A %s -d %s %s %s\n", ChainPortalsContainer, hostCIDR(r.IP), match, target)
+			fmt.Fprintf(&b, "-A %s -d %s %s %s\n", ChainPortalsHost, hostCIDR(r.IP), match, target)
+		case ExternalIP:
+			// Traffic arriving at the node for an external IP is caught.
+			// The node's own traffic is caught only when the external IP
+			// is one of the node's addresses; otherwise it is routed out
+			// to wherever that address really lives.
+			fmt.Fprintf(&b, "-A %s -d %s %s %s\n", ChainPortalsContainer, hostCIDR(r.IP), match, target)
+			fmt.Fprintf(&b, "-A %s -d %s %s -m addrtype --dst-type LOCAL %s\n", ChainPortalsHost, hostCIDR(r.IP), match, target)
+		case NodePort:
+			// The jump into these chains already requires a local
+			// destination address.
+			fmt.Fprintf(&b, "-A %s %s %s\n", ChainNodePortContainer, match, target)
+			fmt.Fprintf(&b, "-A %s %s %s\n", ChainNodePortHost, match, target)
+		}
+	}
+	b.WriteString("COMMIT\n*filter\n")
+	fmt.Fprintf(&b, ":%s - [0:0]\n", ChainNodePortNonLocal)
+	for _, r := range redirects {
+		if r.Kind != NodePort {
+			continue
+		}
+		// By the time INPUT sees a NodePort packet it has been redirected,
+		// so the rule names our listener's port, not the NodePort.
+		fmt.Fprintf(&b, "-A %s -p %s -m comment --comment %q -m %s --dport %d -m conntrack --ctstate NEW -j ACCEPT\n",
+			ChainNodePortNonLocal, r.Protocol, safeComment(r.Comment), r.Protocol, r.ToPort)
+	}
+	b.WriteString("COMMIT\n")
+	return []byte(b.String())
+}
+
+func redirectTarget(r Redirect, bind netip.Addr) string {
+	if !bind.IsValid() || bind.IsUnspecified() {
+		return fmt.Sprintf("-j REDIRECT --to-ports %d", r.ToPort)
+	}
+	return fmt.Sprintf("-j DNAT --to-destination %s", netip.AddrPortFrom(bind, r.ToPort))
+}
+
+func hostCIDR(ip netip.Addr) string {
+	return netip.PrefixFrom(ip, ip.BitLen()).String()
+}
+
+// safeComment keeps a rule comment harmless and within the comment match's
+// 256-byte limit, whatever it was made from.
+func safeComment(s string) string {
+	b := []byte(s)
+	for i, c := range b {
+		switch {
+		case 'a' <= c && c <= 'z', 'A' <= c && c <= 'Z', '0' <= c && c <= '9',
+			c == '.', c == '_', c == ':', c == '/', c == '-':
+		default:
+			b[i] = '_'
+		}
+	}
+	if len(b) > 255 {
+		b = b[:255]
+	}
+	return string(b)
+}

@@ -1,0 +1,180 @@
+package iptables
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os/exec"
+	"strings"
+
+	goipt "github.com/coreos/go-iptables/iptables"
+)
+
+// Backend is which iptables the node uses. The kernel has two rule stores,
+// the legacy xtables one and nf_tables, and a rule added to one is invisible
+// to the other; we must write where the node's other rules (kubelet's,
+// the CNI's) live.
+type Backend string
+
+// The iptables backends.
+const (
+	Legacy Backend = "legacy"
+	NFT    Backend = "nft"
+)
+
+// runner is the part of go-iptables' *IPTables that Table uses.
+type runner interface {
+	Exists(table, chain string, rulespec ...string) (bool, error)
+	Insert(table, chain string, pos int, rulespec ...string) error
+	Append(table, chain string, rulespec ...string) error
+	DeleteIfExists(table, chain string, rulespec ...string) error
+	ChainExists(table, chain string) (bool, error)
+	ClearAndDeleteChain(table, chain string) error
+}
+
+// Table keeps our chains in one backend equal to the Redirects it is given.
+type Table struct {
+	backend Backend
+	bind    netip.Addr
+	ipt     runner
+	restore string // the iptables-restore binary of the backend
+}
+
+// DetectBackend picks the backend the node already uses, as kube-proxy's
+// iptables-wrapper does: the one holding more rules, nf_tables on a tie. A
+// node with only one of the two gets that one.
+func DetectBackend() (Backend, error) {
+	legacy, errL := countRules("iptables-legacy-save")
+	nft, errN := countRules("iptables-nft-save")
+	switch {
+	case errL != nil && errN != nil:
+		return "", fmt.Errorf("no usable iptables (install the iptables package): %w", errors.Join(errL, errN))
+	case errN != nil:
+		return Legacy, nil
+	case errL != nil:
+		return NFT, nil
+	case legacy > nft:
+		return Legacy, nil
+	default:
+		return NFT, nil
+	}
+}
+
+func countRules(save string) (int, error) {
+	out, err := exec.Command(save).Output()
+	if err != nil {
+		return 0, fmt.Errorf("run %s: %w", save, err)
+	}
+	n := 0
+	for line := range strings.Lines(string(out)) {
+		if strings.HasPrefix(line, "-A ") {
+			n++
+		}
+	}
+	return n, nil
+}
+
+// Available lists the backends whose tools are installed.
+func Available() []Backend {
+	var bs []Backend
+	for _, b := range []Backend{Legacy, NFT} {
+		if _, err := exec.LookPath("iptables-" + string(b) + "-restore"); err == nil {
+			bs = append(bs, b)
+		}
+	}
+	return bs
+}
+
+// New returns a Table that writes to backend. bind is --bind-address (see
+// Render).
+func New(backend Backend, bind netip.Addr) (*Table, error) {
+	if backend != Legacy && backend != NFT {
+		return nil, fmt.Errorf("iptables backend %q: want %q or %q", backend, Legacy, NFT)
+	}
+	path, err := exec.LookPath("iptables-" + string(backend))
+	if err != nil {
+		return nil, fmt.Errorf("iptables backend %s: %w", backend, err)
+	}
+	ipt, err := goipt.New(goipt.Path(path), goipt.Timeout(5))
+	if err != nil {
+		return nil, fmt.Errorf("iptables backend %s: %w", backend, err)
+	}
+	restore, err := exec.LookPath("iptables-" + string(backend) + "-restore")
+	if err != nil {
+		return nil, fmt.Errorf("iptables backend %s: %w", backend, err)
+	}
+	return &Table{backend: backend, bind: bind, ipt: ipt, restore: restore}, nil
+}
+
+// Backend is the backend t writes to.
+func (t *Table) Backend() Backend { return t.backend }
+
+// Sync makes our chains hold exactly redirects, in one iptables-restore call,
+// then makes sure the kernel's chains jump to ours. Restoring with --noflush
+// rewrites only the chains the input names, all at once: other chains and
+// everybody else's rules stay as they are, and no packet ever sees a
+// half-written chain. Jumps deleted by someone else are put back here, so
+// calling Sync again repairs the node.
+func (t *Table) Sync(redirects []Redirect) error {
+	cmd := exec.Command(t.restore, "--noflush", "--wait", "5")
+	cmd.Stdin = bytes.NewReader(Render(redirects, t.bind))
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Run(); err != nil {
+		return fmt.Errorf("%s: %w: %s", t.restore, err, strings.TrimSpace(stderr.String()))
+	}
+	for _, j := range jumps {
+		if err := t.ensureJump(j); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (t *Table) ensureJump(j jump) error {
+	ok, err := t.ipt.Exists(j.table, j.from, j.spec...)
+	if err != nil {
+		return fmt.Errorf("check jump %s/%s -> %s: %w", j.table, j.from, j.spec[len(j.spec)-1], err)
+	}
+	if ok {
+		return nil
+	}
+	if j.first {
+		err = t.ipt.Insert(j.table, j.from, 1, j.spec...)
+	} else {
+		err = t.ipt.Append(j.table, j.from, j.spec...)
+	}
+	if err != nil {
+		return fmt.Errorf("add jump %s/%s -> %s: %w", j.table, j.from, j.spec[len(j.spec)-1], err)
+	}
+	return nil
+}
+
+// Cleanup removes our jumps and chains, and nothing else. Running it when
+// there is nothing to remove is not an error.
+func (t *Table) Cleanup() error {
+	var errs []error
+	for _, j := range jumps {
+		if ok, _ := t.ipt.ChainExists(j.table, j.spec[len(j.spec)-1]); !ok {
+			continue
+		}
+		if err := t.ipt.DeleteIfExists(j.table, j.from, j.spec...); err != nil {
+			errs = append(errs, fmt.Errorf("delete jump %s/%s: %w", j.table, j.from, err))
+		}
+	}
+	for _, j := range jumps {
+		chain := j.spec[len(j.spec)-1]
+		ok, err := t.ipt.ChainExists(j.table, chain)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("look up chain %s/%s: %w", j.table, chain, err))
+			continue
+		}
+		if ok {
+			if err := t.ipt.ClearAndDeleteChain(j.table, chain); err != nil {
+				errs = append(errs, fmt.Errorf("delete chain %s/%s: %w", j.table, chain, err))
+			}
+		}
+	}
+	return errors.Join(errs...)
+}

@@ -1,0 +1,96 @@
+// Package portalloc hands out the node ports our listeners use
+// (--proxy-port-range). Each service port gets a listener of its own on the
+// node, and the iptables rules send the Service's traffic there; these
+// "proxy ports" are private plumbing, never seen by pods.
+package portalloc
+
+import (
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"strings"
+	"sync"
+
+	utilnet "k8s.io/apimachinery/pkg/util/net"
+)
+
+// ErrExhausted is returned when every port of the range is taken.
+var ErrExhausted = errors.New("no free port left in --proxy-port-range")
+
+// Range allocates ports from a fixed range. A nil *Range lets the kernel
+// choose each port, which is what an empty --proxy-port-range means.
+type Range struct {
+	base, size int
+
+	mu   sync.Mutex
+	used map[int]bool
+}
+
+// Parse reads a --proxy-port-range value as kube-proxy did: "begin-end",
+// "begin+offset" (begin to begin+offset), a single port, or "" for
+// kernel-chosen ports (a nil *Range and no error).
+func Parse(s string) (*Range, error) {
+	s = strings.TrimSpace(s)
+	if s == "" {
+		return nil, nil
+	}
+	pr, err := utilnet.ParsePortRange(s)
+	if err != nil {
+		return nil, fmt.Errorf("--proxy-port-range %q: %w (want begin-end, begin+offset, a single port, or empty for kernel-chosen ports)", s, err)
+	}
+	if pr.Base == 0 {
+		return nil, fmt.Errorf("--proxy-port-range %q: port 0 is not a port (want a range inside 1-65535)", s)
+	}
+	return &Range{base: pr.Base, size: pr.Size, used: make(map[int]bool)}, nil
+}
+
+// String gives the range as begin-end, or "kernel-chosen" for a nil range.
+func (r *Range) String() string {
+	if r == nil {
+		return "kernel-chosen"
+	}
+	return fmt.Sprintf("%d-%d", r.base, r.base+r.size-1)
+}
+
+// Allocate finds a port that open can bind and returns the port open bound.
+// open is called with a candidate port (0 for a nil Range, meaning "any") and
+// returns the port it bound. Candidates start at a random place in the range
+// and a port that open fails on, because some other program holds it, is
+// skipped, so a busy host port never stops a Service from being proxied.
+func (r *Range) Allocate(open func(port int) (int, error)) (int, error) {
+	if r == nil {
+		return open(0)
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	start := rand.IntN(r.size)
+	var lastErr error
+	for i := range r.size {
+		port := r.base + (start+i)%r.size
+		if r.used[port] {
+			continue
+		}
+		got, err := open(port)
+		if err != nil {
+			lastErr = err
+			continue
+		}
+		r.used[port] = true
+		return got, nil
+	}
+	if lastErr != nil {
+		return 0, fmt.Errorf("%w %s (last bind error: %v)", ErrExhausted, r, lastErr)
+	}
+	return 0, fmt.Errorf("%w %s", ErrExhausted, r)
+}
+
+// Release gives port back to the range. Releasing a port that the range did
+// not hand out, or a nil range, does nothing.
+func (r *Range) Release(port int) {
+	if r == nil {
+		return
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	delete(r.used, port)
+}

@@ -1,0 +1,145 @@
+// Package service is the vocabulary every other part of the proxy speaks: a
+// Service port, the endpoints behind it, and the Snapshot that holds them all.
+//
+// A Kubernetes Service is a stable virtual address (the ClusterIP) in front of
+// a changing set of pods. Each port of a Service is proxied on its own, so the
+// unit here is the service port, named namespace/name:port exactly as
+// kube-proxy names it. Values in this package are immutable once built: a
+// Snapshot is made whole by a source (a manifest or the API server) and handed
+// to the parts that act on it, which never change it. See docs/architecture.md.
+package service
+
+import (
+	"cmp"
+	"fmt"
+	"net/netip"
+	"slices"
+	"time"
+)
+
+// PortName names one port of one Service: namespace/name:port. The port part is
+// the Service port's name, which is empty when a Service has a single unnamed
+// port.
+type PortName struct {
+	Namespace string
+	Name      string
+	Port      string
+}
+
+// String gives "namespace/name:port", or "namespace/name" for an unnamed port,
+// as kube-proxy writes it in logs and rule comments.
+func (n PortName) String() string {
+	if n.Port == "" {
+		return n.Namespace + "/" + n.Name
+	}
+	return n.Namespace + "/" + n.Name + ":" + n.Port
+}
+
+// Compare orders port names by namespace, name, then port.
+func (n PortName) Compare(o PortName) int {
+	return cmp.Or(
+		cmp.Compare(n.Namespace, o.Namespace),
+		cmp.Compare(n.Name, o.Name),
+		cmp.Compare(n.Port, o.Port),
+	)
+}
+
+// Protocol is the transport of a service port. The proxy handles TCP and UDP;
+// SCTP Services are refused when they are read.
+type Protocol string
+
+// The protocols a userspace proxy can carry.
+const (
+	TCP Protocol = "TCP"
+	UDP Protocol = "UDP"
+)
+
+// Key identifies what gets one listener: a service port and its protocol.
+type Key struct {
+	Name     PortName
+	Protocol Protocol
+}
+
+func (k Key) String() string { return k.Name.String() + "/" + string(k.Protocol) }
+
+// Compare orders keys by name, then protocol.
+func (k Key) Compare(o Key) int {
+	return cmp.Or(k.Name.Compare(o.Name), cmp.Compare(k.Protocol, o.Protocol))
+}
+
+// DefaultAffinityTimeout is how long a ClientIP pin lasts when the Service does
+// not say (Kubernetes' DefaultClientIPServiceAffinitySeconds, 3 hours).
+const DefaultAffinityTimeout = 10800 * time.Second
+
+// Affinity is a Service's sessionAffinity. The zero value means None: every new
+// connection is balanced on its own.
+type Affinity struct {
+	// ClientIP pins each client IP to one endpoint.
+	ClientIP bool
+	// Timeout is how long a pin lasts after its last use
+	// (sessionAffinityConfig.clientIP.timeoutSeconds).
+	Timeout time.Duration
+}
+
+// Port is one service port as the proxy serves it: the addresses clients use
+// (frontends) and the endpoints traffic is spread over.
+type Port struct {
+	Name     PortName
+	Protocol Protocol
+
+	// ClusterIP is the Service's virtual IP, and Port the port on it
+	// (spec.ports[].port).
+	ClusterIP netip.Addr
+	Port      uint16
+	// NodePort, when not zero, is also served on every local address of the
+	// node (type NodePort and LoadBalancer).
+	NodePort uint16
+	// ExternalIPs (spec.externalIPs) and LoadBalancerIPs
+	// (status.loadBalancer.ingress[].ip) are served like the ClusterIP.
+	ExternalIPs     []netip.Addr
+	LoadBalancerIPs []netip.Addr
+
+	Affinity Affinity
+
+	// Endpoints are the pod addresses (pod IP and targetPort) chosen for
+	// traffic, sorted. Empty means connections are refused.
+	Endpoints []netip.AddrPort
+}
+
+// Key is the listener key of p.
+func (p *Port) Key() Key { return Key{Name: p.Name, Protocol: p.Protocol} }
+
+// Snapshot is the whole desired state of the node at one moment: every
+// proxied service port, sorted by Key. Build it with NewSnapshot.
+type Snapshot struct {
+	Ports []Port
+}
+
+// NewSnapshot sorts ports by key and returns them as a Snapshot. It reports an
+// error if two ports have the same key.
+func NewSnapshot(ports []Port) (Snapshot, error) {
+	ports = slices.Clone(ports)
+	slices.SortFunc(ports, func(a, b Port) int { return a.Key().Compare(b.Key()) })
+	for i := 1; i < len(ports); i++ {
+		if ports[i-1].Key() == ports[i].Key() {
+			return Snapshot{}, fmt.Errorf("service port %s appears twice", ports[i].Key())
+		}
+	}
+	return Snapshot{Ports: ports}, nil
+}
+
+// Lookup returns the port with key k.
+func (s Snapshot) Lookup(k Key) (*Port, bool) {
+	i, ok := slices.BinarySearchFunc(s.Ports, k, func(p Port, k Key) int { return p.Key().Compare(k) })
+	if !ok {
+		return nil, false
+	}
+	return &s.Ports[i], true
+}
+
+// SameFrontends reports whether a and b are reached at the same addresses:
+// ClusterIP, port, NodePort, external and load-balancer IPs.
+func SameFrontends(a, b *Port) bool {
+	return a.ClusterIP == b.ClusterIP && a.Port == b.Port && a.NodePort == b.NodePort &&
+		slices.Equal(a.ExternalIPs, b.ExternalIPs) && slices.Equal(a.LoadBalancerIPs, b.LoadBalancerIPs)
+}

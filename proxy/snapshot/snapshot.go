@@ -1,0 +1,194 @@
+// Package snapshot turns Kubernetes objects, Services and the EndpointSlices
+// that list their pods, into the proxy's service.Snapshot. Both sources (a
+// manifest file, or the API server) end here, so from this point on there is
+// one code path.
+//
+// The rules are kube-proxy's (pkg/proxy/endpointslicecache.go and
+// pkg/proxy/topology.go):
+//   - headless Services (clusterIP None) and ExternalName Services are not
+//     proxied: DNS answers for them, no virtual IP exists;
+//   - EndpointSlices belong to the Service named by their
+//     kubernetes.io/service-name label; all slices of a Service are merged and
+//     an address listed twice counts once;
+//   - an endpoint condition left unset counts as ready and serving, and not
+//     terminating;
+//   - traffic goes to ready endpoints; when none is ready, to endpoints that
+//     are serving and terminating (so a rolling update never drops traffic
+//     while the old pods still serve);
+//   - internalTrafficPolicy Local keeps ClusterIP traffic on endpoints of
+//     this node.
+package snapshot
+
+import (
+	"fmt"
+	"net/netip"
+	"slices"
+	"time"
+
+	v1 "k8s.io/api/core/v1"
+	discovery "k8s.io/api/discovery/v1"
+
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/service"
+)
+
+// Build returns the Snapshot for services and endpointSlices. nodeName is this
+// node's name, for internalTrafficPolicy Local. Service ports that cannot be
+// proxied (SCTP, an IPv6-only Service so far) are left out and named in the
+// returned warnings.
+func Build(services []*v1.Service, endpointSlices []*discovery.EndpointSlice, nodeName string) (service.Snapshot, []error) {
+	bySvc := make(map[[2]string][]*discovery.EndpointSlice)
+	for _, s := range endpointSlices {
+		name := s.Labels[discovery.LabelServiceName]
+		if name == "" {
+			continue // kube-proxy ignores a slice that names no Service
+		}
+		k := [2]string{s.Namespace, name}
+		bySvc[k] = append(bySvc[k], s)
+	}
+	var ports []service.Port
+	var warnings []error
+	for _, svc := range services {
+		if skip(svc) {
+			continue
+		}
+		clusterIP, err := netip.ParseAddr(svc.Spec.ClusterIP)
+		if err != nil || !clusterIP.Is4() {
+			warnings = append(warnings, fmt.Errorf("service %s/%s: clusterIP %q is not an IPv4 address; only IPv4 Services are proxied so far", svc.Namespace, svc.Name, svc.Spec.ClusterIP))
+			continue
+		}
+		local := svc.Spec.InternalTrafficPolicy != nil && *svc.Spec.InternalTrafficPolicy == v1.ServiceInternalTrafficPolicyLocal
+		for _, sp := range svc.Spec.Ports {
+			proto := service.Protocol(sp.Protocol)
+			if proto == "" {
+				proto = service.TCP
+			}
+			name := service.PortName{Namespace: svc.Namespace, Name: svc.Name, Port: sp.Name}
+			if proto != service.TCP && proto != service.UDP {
+				warnings = append(warnings, fmt.Errorf("service port %s: protocol %s is not supported by a userspace proxy; skipped", name, proto))
+				continue
+			}
+			p := service.Port{
+				Name:            name,
+				Protocol:        proto,
+				ClusterIP:       clusterIP,
+				Port:            uint16(sp.Port),
+				NodePort:        uint16(sp.NodePort),
+				ExternalIPs:     parseIPv4s(svc.Spec.ExternalIPs),
+				LoadBalancerIPs: ingressIPs(svc),
+				Affinity:        affinity(svc),
+				Endpoints:       endpoints(bySvc[[2]string{svc.Namespace, svc.Name}], sp.Name, proto, local, nodeName),
+			}
+			ports = append(ports, p)
+		}
+	}
+	snap, err := service.NewSnapshot(ports)
+	if err != nil {
+		// Port names are unique within a Service, so this means two
+		// objects claim one name: keep going with nothing rather than a
+		// guess, and say why.
+		return service.Snapshot{}, append(warnings, err)
+	}
+	return snap, warnings
+}
+
+// skip reports whether svc has no virtual IP to proxy: headless or
+// ExternalName Services (kube-proxy's ShouldSkipService).
+func skip(svc *v1.Service) bool {
+	return svc.Spec.Type == v1.ServiceTypeExternalName ||
+		svc.Spec.ClusterIP == "" || svc.Spec.ClusterIP == v1.ClusterIPNone
+}
+
+func affinity(svc *v1.Service) service.Affinity {
+	if svc.Spec.SessionAffinity != v1.ServiceAffinityClientIP {
+		return service.Affinity{}
+	}
+	a := service.Affinity{ClientIP: true, Timeout: service.DefaultAffinityTimeout}
+	if c := svc.Spec.SessionAffinityConfig; c != nil && c.ClientIP != nil && c.ClientIP.TimeoutSeconds != nil {
+		a.Timeout = time.Duration(*c.ClientIP.TimeoutSeconds) * time.Second
+	}
+	return a
+}
+
+func parseIPv4s(ss []string) []netip.Addr {
+	var ips []netip.Addr
+	for _, s := range ss {
+		if ip, err := netip.ParseAddr(s); err == nil && ip.Is4() {
+			ips = append(ips, ip)
+		}
+	}
+	slices.SortFunc(ips, netip.Addr.Compare)
+	return slices.Compact(ips)
+}
+
+func ingressIPs(svc *v1.Service) []netip.Addr {
+	var ss []string
+	for _, in := range svc.Status.LoadBalancer.Ingress {
+		ss = append(ss, in.IP)
+	}
+	return parseIPv4s(ss)
+}
+
+// endpoints picks the addresses that traffic for one service port goes to.
+func endpoints(svcSlices []*discovery.EndpointSlice, portName string, proto service.Protocol, local bool, nodeName string) []netip.AddrPort {
+	var ready, terminating []netip.AddrPort
+	for _, s := range svcSlices {
+		if s.AddressType != discovery.AddressTypeIPv4 {
+			continue
+		}
+		port, ok := slicePort(s, portName, proto)
+		if !ok {
+			continue
+		}
+		for _, ep := range s.Endpoints {
+			if len(ep.Addresses) == 0 {
+				continue
+			}
+			if local && (ep.NodeName == nil || *ep.NodeName != nodeName) {
+				continue
+			}
+			// Only the first address counts, as in kube-proxy: the API
+			// allows one address per endpoint in practice.
+			ip, err := netip.ParseAddr(ep.Addresses[0])
+			if err != nil || !ip.Is4() {
+				continue
+			}
+			addr := netip.AddrPortFrom(ip, port)
+			c := ep.Conditions
+			isReady := c.Ready == nil || *c.Ready
+			isServing := c.Serving == nil || *c.Serving
+			isTerminating := c.Terminating != nil && *c.Terminating
+			switch {
+			case isReady:
+				ready = append(ready, addr)
+			case isServing && isTerminating:
+				terminating = append(terminating, addr)
+			}
+		}
+	}
+	chosen := ready
+	if len(chosen) == 0 {
+		chosen = terminating
+	}
+	slices.SortFunc(chosen, netip.AddrPort.Compare)
+	return slices.Compact(chosen)
+}
+
+// slicePort finds the port of slice s that serves the service port named
+// portName. A slice port matches by name (both empty for an unnamed port)
+// and protocol; a port with no number is ignored.
+func slicePort(s *discovery.EndpointSlice, portName string, proto service.Protocol) (uint16, bool) {
+	for _, p := range s.Ports {
+		name := ""
+		if p.Name != nil {
+			name = *p.Name
+		}
+		pp := service.TCP
+		if p.Protocol != nil {
+			pp = service.Protocol(*p.Protocol)
+		}
+		if name == portName && pp == proto && p.Port != nil && *p.Port > 0 && *p.Port < 65536 {
+			return uint16(*p.Port), true
+		}
+	}
+	return 0, false
+}
