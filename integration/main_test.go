@@ -1,0 +1,52 @@
+// Package integration tests the real binary in a network-namespace lab: real
+// sockets, real iptables, real processes. It needs root and the iproute2,
+// iptables and curl packages; .ci/run installs them. Without root these tests
+// fail rather than skip, so that a CI run can never pass without them.
+package integration
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/integration/lab"
+)
+
+var tools lab.Tools
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "kup-integration-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	tools = lab.Tools{Proxy: filepath.Join(dir, "kube-userspace-proxy"), Helper: filepath.Join(dir, "kup-lab")}
+	for bin, pkg := range map[string]string{tools.Proxy: "../cmd/kube-userspace-proxy", tools.Helper: "../cmd/kup-lab"} {
+		out, err := exec.Command("go", "build", "-o", bin, pkg).CombinedOutput()
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "build %s: %v\n%s", pkg, err, out)
+			os.RemoveAll(dir)
+			os.Exit(1)
+		}
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// newLab builds a lab that is torn down when the test ends, pass or fail.
+func newLab(t *testing.T) *lab.Lab {
+	t.Helper()
+	l, err := lab.New()
+	if err != nil {
+		t.Fatalf("build the lab: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := l.Close(); err != nil {
+			t.Errorf("tear down the lab: %v", err)
+		}
+	})
+	return l
+}

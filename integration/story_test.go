@@ -1,0 +1,210 @@
+package integration
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/integration/lab"
+)
+
+// TestServiceStory tells the story of svc-test-1 against the real binary:
+// a pod and the node reach the ClusterIP, the Service scales, loses a pod,
+// moves to v2 by a selector change, is reached through its NodePort, and
+// leaves nothing behind after --cleanup.
+func TestServiceStory(t *testing.T) {
+	ctx := context.Background()
+	l := newLab(t)
+	client, err := l.AddPod("client")
+	if err != nil {
+		t.Fatal(err)
+	}
+	story := lab.FirstStory()
+	// The client pod is pod 1 of the lab, so web pods start at 10.244.2.2.
+	story.Pods = nil
+	webs := map[string]*lab.Proc{}
+	addWeb := func(name, version string, port int) {
+		t.Helper()
+		p, err := l.AddPod(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		w := lab.WebPod{Name: name, IP: p.IP, Version: version, WebPort: port, Ready: true}
+		proc, err := l.StartWeb(tools, p, w, len(story.Pods)+1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		webs[name] = proc
+		story.Pods = append(story.Pods, w)
+	}
+	addWeb("web-1", "v1", 8080)
+
+	manifest := filepath.Join(t.TempDir(), "lab.yaml")
+	if err := story.Write(manifest); err != nil {
+		t.Fatal(err)
+	}
+	proxy, err := l.StartProxy(tools, manifest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// apply rewrites the manifest and waits for the proxy to apply it.
+	apply := func() time.Time {
+		t.Helper()
+		from := proxy.NumLines()
+		if err := story.Write(manifest); err != nil {
+			t.Fatal(err)
+		}
+		written := time.Now()
+		changed, err := proxy.WaitFor(from, 5*time.Second, lab.LogMessage("Manifest changed; applying it"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := proxy.WaitFor(changed, 5*time.Second, lab.LogMessage("Synced")); err != nil {
+			t.Fatal(err)
+		}
+		return written
+	}
+	clusterURL := fmt.Sprintf("http://%s/", lab.ClusterIP)
+	udpAddr := netip.AddrPortFrom(lab.ClusterIP, lab.UDPPort)
+
+	t.Run("1 pod curls the ClusterIP", func(t *testing.T) {
+		got, err := client.Curl(ctx, clusterURL)
+		if want := "This is Web Server 1 running on 8080!"; err != nil || got != want {
+			t.Fatalf("curl %s from a pod = %q, %v; want %q", clusterURL, got, err, want)
+		}
+	})
+
+	t.Run("2 the node reaches the ClusterIP over TCP and UDP", func(t *testing.T) {
+		got, err := l.Node.Curl(ctx, clusterURL)
+		if want := "This is Web Server 1 running on 8080!"; err != nil || got != want {
+			t.Errorf("curl %s from the node = %q, %v; want %q", clusterURL, got, err, want)
+		}
+		for _, size := range []int{16, 9000} {
+			got, err := l.Node.UDP(ctx, tools, udpAddr, size)
+			if want := "This is Web Server 1 running on 8080!"; err != nil || got != want {
+				t.Errorf("UDP %d bytes to %s from the node = %q, %v; want %q", size, udpAddr, got, err, want)
+			}
+			got, err = client.UDP(ctx, tools, udpAddr, size)
+			if want := "This is Web Server 1 running on 8080!"; err != nil || got != want {
+				t.Errorf("UDP %d bytes to %s from a pod = %q, %v; want %q", size, udpAddr, got, err, want)
+			}
+		}
+	})
+
+	t.Run("3 scale to 3 pods: round robin splits 300 connections evenly", func(t *testing.T) {
+		addWeb("web-2", "v1", 8080)
+		addWeb("web-3", "v1", 8080)
+		apply()
+		tally, failures, err := client.Tally(ctx, tools, clusterURL, 300)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := map[string]int{
+			"This is Web Server 1 running on 8080!": 100,
+			"This is Web Server 2 running on 8080!": 100,
+			"This is Web Server 3 running on 8080!": 100,
+		}
+		if failures != 0 || !equalTally(tally, want) {
+			t.Fatalf("300 requests: %v with %d failures; want %v", tally, failures, want)
+		}
+	})
+
+	t.Run("6 one of 3 backends dies: failover, no failed request", func(t *testing.T) {
+		// The pod's server is killed but the manifest still lists it as
+		// ready, as in the seconds before a kubelet notices: the proxy
+		// must find out by dialing and move on to the next endpoint.
+		if err := webs["web-3"].Signal(syscall.SIGKILL); err == nil {
+			t.Log("web-3 exited cleanly after SIGKILL?")
+		}
+		tally, failures, err := client.Tally(ctx, tools, clusterURL, 200)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if failures != 0 || tally["This is Web Server 3 running on 8080!"] != 0 ||
+			tally["This is Web Server 1 running on 8080!"]+tally["This is Web Server 2 running on 8080!"] != 200 {
+			t.Fatalf("200 requests after web-3 died: %v with %d failures; want all 200 from servers 1 and 2", tally, failures)
+		}
+		// Now the kubelet would mark it not ready; the story drops it.
+		story.Pods = story.Pods[:2]
+		apply()
+	})
+
+	t.Run("4 a v2 pod on 9090 joins: both versions answer", func(t *testing.T) {
+		addWeb("web-v2-1", "v2", 9090)
+		apply()
+		tally, failures, err := client.Tally(ctx, tools, clusterURL, 30)
+		if err != nil {
+			t.Fatal(err)
+		}
+		v2 := fmt.Sprintf("This is Web Server %d running on 9090!", len(story.Pods))
+		if failures != 0 || tally[v2] != 10 || tally["This is Web Server 1 running on 8080!"] != 10 {
+			t.Fatalf("30 requests: %v with %d failures; want 10 each from servers 1, 2 and the v2 server", tally, failures)
+		}
+	})
+
+	t.Run("5 selector moves to version=v2: within 2s only 9090 answers", func(t *testing.T) {
+		story.Selector = map[string]string{"app": "web-front-end", "version": "v2"}
+		written := apply()
+		elapsed := time.Since(written)
+		if elapsed > 2*time.Second {
+			t.Errorf("the selector change took %s to apply; want under 2s", elapsed)
+		}
+		tally, failures, err := client.Tally(ctx, tools, clusterURL, 20)
+		if err != nil {
+			t.Fatal(err)
+		}
+		v2 := fmt.Sprintf("This is Web Server %d running on 9090!", len(story.Pods))
+		if failures != 0 || tally[v2] != 20 {
+			t.Fatalf("20 requests after the selector change: %v with %d failures; want all from %q", tally, failures, v2)
+		}
+	})
+
+	t.Run("7 NodePort from another host", func(t *testing.T) {
+		url := fmt.Sprintf("http://%s:%d/", lab.NodeIP, lab.NodePort)
+		got, err := l.Ext.Curl(ctx, url)
+		if !strings.HasSuffix(got, "running on 9090!") || err != nil {
+			t.Errorf("curl %s from ext = %q, %v; want the v2 server", url, got, err)
+		}
+		got, err = l.Node.Curl(ctx, url)
+		if !strings.HasSuffix(got, "running on 9090!") || err != nil {
+			t.Errorf("curl %s from the node = %q, %v; want the v2 server", url, got, err)
+		}
+	})
+
+	t.Run("8 SIGTERM, then --cleanup leaves none of our chains", func(t *testing.T) {
+		if err := proxy.Signal(syscall.SIGTERM); err != nil {
+			t.Fatalf("proxy exit after SIGTERM: %v", err)
+		}
+		for range 2 { // twice: cleaning a clean node is fine
+			if out, err := l.Node.Run(ctx, tools.Proxy, "--cleanup"); err != nil {
+				t.Fatalf("--cleanup: %v\n%s", err, out)
+			}
+		}
+		for _, save := range []string{"iptables-legacy-save", "iptables-nft-save"} {
+			out, err := l.Node.Run(ctx, save)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if strings.Contains(string(out), "KUP-") {
+				t.Errorf("%s after --cleanup still shows our chains:\n%s", save, out)
+			}
+		}
+	})
+}
+
+func equalTally(got, want map[string]int) bool {
+	if len(got) != len(want) {
+		return false
+	}
+	for k, v := range want {
+		if got[k] != v {
+			return false
+		}
+	}
+	return true
+}
