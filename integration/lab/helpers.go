@@ -13,7 +13,7 @@ import (
 // Tools are the binaries the lab runs: the proxy under test and kup-lab,
 // which serves as the pods' web server and the clients.
 type Tools struct {
-	Proxy string // kube-userspace-proxy
+	Proxy  string // kube-userspace-proxy
 	Helper string // kup-lab
 }
 

@@ -1,11 +1,11 @@
 // Package lab builds a small Kubernetes-shaped network out of Linux network
 // namespaces, for the integration tests and for `make demo`:
 //
-//	                 10.200.0.0/24
-//	   [ext] ──────────────────────────── [node]  forwarding on, runs the proxy
-//	 another host                        │  │  │
-//	                       10.244.1.0/24 │  │  │ 10.244.N.0/24
-//	                                 [pod 1] ... [pod N]
+//	                10.200.0.0/24
+//	  [ext] ──────────────────────────── [node]  forwarding on, runs the proxy
+//	another host                        │  │  │
+//	                      10.244.1.0/24 │  │  │ 10.244.N.0/24
+//	                                [pod 1] ... [pod N]
 //
 // Every pod is a namespace of its own joined to the node by a veth pair, with
 // the node as its default gateway, as a simple CNI plugin would set it up.

@@ -40,7 +40,7 @@ func validateAll(objs *Objects) []error {
 		// Addresses a cluster's allocators would never hand out twice.
 		if ip, err := netip.ParseAddr(s.Spec.ClusterIP); err == nil {
 			if other, ok := clusterIPs[ip]; ok {
-				report(s, "Service", s.Namespace, s.Name, field.ErrorList{field.Duplicate(field.NewPath("spec", "clusterIP"), s.Spec.ClusterIP + " (also the address of Service " + other + ")")})
+				report(s, "Service", s.Namespace, s.Name, field.ErrorList{field.Duplicate(field.NewPath("spec", "clusterIP"), s.Spec.ClusterIP+" (also the address of Service "+other+")")})
 			}
 			clusterIPs[ip] = s.Namespace + "/" + s.Name
 		}
