@@ -1,0 +1,89 @@
+package iptables
+
+import (
+	"flag"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"testing"
+)
+
+var update = flag.Bool("update", false, "rewrite the golden files")
+
+var example = []Redirect{
+	{Kind: ClusterIP, IP: netip.MustParseAddr("10.96.0.10"), Port: 80, Protocol: "tcp", ToPort: 37000, Comment: "default/web:http"},
+	{Kind: ClusterIP, IP: netip.MustParseAddr("10.96.0.10"), Port: 53, Protocol: "udp", ToPort: 37001, Comment: "default/web:dns"},
+	{Kind: ExternalIP, IP: netip.MustParseAddr("203.0.113.7"), Port: 80, Protocol: "tcp", ToPort: 37000, Comment: "default/web:http"},
+	{Kind: LoadBalancerIP, IP: netip.MustParseAddr("198.51.100.9"), Port: 80, Protocol: "tcp", ToPort: 37000, Comment: "default/web:http"},
+	{Kind: NodePort, Port: 30080, Protocol: "tcp", ToPort: 37000, Comment: "default/web:http"},
+	// A name no API server would accept, as a manifest might still carry
+	// it: quotes, spaces, a newline and a rule of its own.
+	{Kind: ClusterIP, IP: netip.MustParseAddr("10.96.0.66"), Port: 443, Protocol: "tcp", ToPort: 37002,
+		Comment: "evil\" -j ACCEPT\n-A INPUT -j DROP #/x:y"},
+}
+
+func TestRenderGolden(t *testing.T) {
+	tests := []struct {
+		name string
+		bind netip.Addr
+	}{
+		{"redirect", netip.IPv4Unspecified()},
+		{"dnat", netip.MustParseAddr("10.0.0.5")},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got := Render(example, tt.bind)
+			path := filepath.Join("testdata", tt.name+".golden")
+			if *update {
+				if err := os.WriteFile(path, got, 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
+			want, err := os.ReadFile(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if string(got) != string(want) {
+				t.Errorf("Render(bind %s) =\n%s\nwant\n%s", tt.bind, got, want)
+			}
+		})
+	}
+}
+
+func TestRenderEmptyStillDeclaresChains(t *testing.T) {
+	got := string(Render(nil, netip.Addr{}))
+	want := "*nat\n:KUP-PORTALS-CONTAINER - [0:0]\n:KUP-PORTALS-HOST - [0:0]\n:KUP-NODEPORT-CONTAINER - [0:0]\n:KUP-NODEPORT-HOST - [0:0]\nCOMMIT\n*filter\n:KUP-NODEPORT-NON-LOCAL - [0:0]\nCOMMIT\n"
+	if got != want {
+		t.Errorf("Render(nil) = %q, want %q (declaring a chain empties it)", got, want)
+	}
+}
+
+func TestSafeComment(t *testing.T) {
+	tests := map[string]string{
+		"default/web:http":          "default/web:http",
+		`a" -j ACCEPT`:              "a__-j_ACCEPT",
+		"x\ny":                      "x_y",
+		string(make([]byte, 300)): repeat('_', 255),
+	}
+	for in, want := range tests {
+		if got := safeComment(in); got != want {
+			t.Errorf("safeComment(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
+
+func repeat(c byte, n int) string {
+	b := make([]byte, n)
+	for i := range b {
+		b[i] = c
+	}
+	return string(b)
+}
+
+func TestChainNamesFitTheKernel(t *testing.T) {
+	for _, c := range []string{ChainPortalsContainer, ChainPortalsHost, ChainNodePortContainer, ChainNodePortHost, ChainNodePortNonLocal} {
+		if len(c) > 28 {
+			t.Errorf("chain %s has %d characters; the kernel takes 28", c, len(c))
+		}
+	}
+}

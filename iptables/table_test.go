@@ -1,0 +1,144 @@
+package iptables
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"net/netip"
+	"os"
+	"os/exec"
+	"runtime"
+	"strings"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+// inNetns runs f on a thread that has entered a new network namespace, so
+// every iptables command f runs acts on that namespace's tables and on
+// nothing of the machine's. The namespace is deleted afterwards.
+func inNetns(t *testing.T, f func()) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Fatal("this test needs root: it creates a network namespace (make test runs as root in CI)")
+	}
+	b := make([]byte, 4)
+	rand.Read(b)
+	name := "kupipt" + hex.EncodeToString(b)
+	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
+		t.Fatalf("ip netns add: %v: %s", err, out)
+	}
+	defer exec.Command("ip", "netns", "del", name).Run()
+
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		// This thread's namespace is changed for good: locking it and
+		// never unlocking makes the runtime discard the thread when the
+		// goroutine ends, so no other goroutine ever runs in it.
+		runtime.LockOSThread()
+		fd, err := unix.Open("/var/run/netns/"+name, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			t.Errorf("open netns: %v", err)
+			return
+		}
+		defer unix.Close(fd)
+		if err := unix.Setns(fd, unix.CLONE_NEWNET); err != nil {
+			t.Errorf("setns: %v", err)
+			return
+		}
+		f()
+	}()
+	<-done
+}
+
+func save(t *testing.T, backend Backend) string {
+	out, err := exec.Command("iptables-" + string(backend) + "-save").CombinedOutput()
+	if err != nil {
+		t.Errorf("iptables-%s-save: %v: %s", backend, err, out)
+	}
+	return string(out)
+}
+
+func run(t *testing.T, args ...string) {
+	if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
+		t.Errorf("%s: %v: %s", strings.Join(args, " "), err, out)
+	}
+}
+
+// TestTableInNetns writes, repairs and removes our chains with the real
+// iptables of each backend, in a namespace of its own.
+func TestTableInNetns(t *testing.T) {
+	for _, backend := range []Backend{NFT, Legacy} {
+		t.Run(string(backend), func(t *testing.T) {
+			inNetns(t, func() {
+				ipt := "iptables-" + string(backend)
+				// Somebody else's rules, which we must never touch.
+				run(t, ipt, "-t", "nat", "-A", "PREROUTING", "-p", "tcp", "--dport", "8443", "-j", "REDIRECT", "--to-ports", "443")
+				run(t, ipt, "-t", "nat", "-N", "OTHER-CHAIN")
+				run(t, ipt, "-t", "nat", "-A", "OTHER-CHAIN", "-j", "RETURN")
+
+				tab, err := New(backend, netip.IPv4Unspecified())
+				if err != nil {
+					t.Fatal(err)
+				}
+				if err := tab.Sync(example); err != nil {
+					t.Fatalf("Sync: %v", err)
+				}
+				if err := tab.Sync(example[:1]); err != nil {
+					t.Fatalf("second Sync: %v", err)
+				}
+				got := save(t, backend)
+				for _, want := range []string{
+					"-A PREROUTING -m comment --comment \"kube-userspace-proxy service portals\" -j KUP-PORTALS-CONTAINER",
+					"-A KUP-PORTALS-CONTAINER -d 10.96.0.10/32 -p tcp -m comment --comment \"default/web:http\" -m tcp --dport 80 -j REDIRECT --to-ports 37000",
+					"-A PREROUTING -p tcp -m tcp --dport 8443 -j REDIRECT --to-ports 443",
+					"-A OTHER-CHAIN -j RETURN",
+				} {
+					if !strings.Contains(got, want) {
+						t.Errorf("iptables-save lacks %q:\n%s", want, got)
+					}
+				}
+				if strings.Contains(got, "--dport 30080") || strings.Contains(got, "37001") {
+					t.Errorf("rules of the first Sync survived the second:\n%s", got)
+				}
+				if n := strings.Count(got, "-j KUP-PORTALS-CONTAINER"); n != 1 {
+					t.Errorf("%d jumps to KUP-PORTALS-CONTAINER, want exactly 1:\n%s", n, got)
+				}
+				// The portal jump must come before the other PREROUTING rule.
+				if strings.Index(got, "-j KUP-PORTALS-CONTAINER") > strings.Index(got, "--dport 8443") {
+					t.Errorf("our portal jump is not first in PREROUTING:\n%s", got)
+				}
+
+				// Someone deletes our jump and adds a rule to our chain:
+				// the next Sync repairs both.
+				run(t, ipt, "-t", "nat", "-D", "OUTPUT", "-m", "comment", "--comment", "kube-userspace-proxy service portals", "-j", ChainPortalsHost)
+				run(t, ipt, "-t", "nat", "-A", ChainPortalsHost, "-j", "RETURN")
+				if err := tab.Sync(example[:1]); err != nil {
+					t.Fatalf("repairing Sync: %v", err)
+				}
+				got = save(t, backend)
+				if !strings.Contains(got, "-A OUTPUT -m comment --comment \"kube-userspace-proxy service portals\" -j KUP-PORTALS-HOST") {
+					t.Errorf("the deleted jump was not put back:\n%s", got)
+				}
+				if strings.Contains(got, "-A KUP-PORTALS-HOST -j RETURN") {
+					t.Errorf("a foreign rule in our chain survived Sync:\n%s", got)
+				}
+
+				for range 2 {
+					if err := tab.Cleanup(); err != nil {
+						t.Fatalf("Cleanup: %v", err)
+					}
+				}
+				got = save(t, backend)
+				if strings.Contains(got, "KUP-") {
+					t.Errorf("Cleanup left our chains behind:\n%s", got)
+				}
+				for _, want := range []string{"--dport 8443", "-A OTHER-CHAIN -j RETURN"} {
+					if !strings.Contains(got, want) {
+						t.Errorf("Cleanup removed somebody else's rule %q:\n%s", want, got)
+					}
+				}
+			})
+		})
+	}
+}
