@@ -107,7 +107,7 @@ type Port struct {
 }
 
 // Key is the listener key of p.
-func (p *Port) Key() Key { return Key{Name: p.Name, Protocol: p.Protocol} }
+func (p Port) Key() Key { return Key{Name: p.Name, Protocol: p.Protocol} }
 
 // Snapshot is the whole desired state of the node at one moment: every
 // proxied service port, sorted by Key. Build it with NewSnapshot.

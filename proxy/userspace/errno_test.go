@@ -1,0 +1,5 @@
+package userspace
+
+import "syscall"
+
+var syscallReset = syscall.ECONNRESET

@@ -1,0 +1,180 @@
+package userspace
+
+import (
+	"bytes"
+	"net"
+	"net/netip"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/service"
+)
+
+var dns = service.PortName{Namespace: "default", Name: "dns", Port: "dns"}
+
+func udpPort(eps ...netip.AddrPort) service.Port {
+	return service.Port{Name: dns, Protocol: service.UDP, ClusterIP: netip.MustParseAddr("10.96.0.10"), Port: 53, Endpoints: eps}
+}
+
+// udpBackend answers every datagram with name, a newline and the datagram.
+func udpBackend(t *testing.T, name string) netip.AddrPort {
+	t.Helper()
+	pc, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	t.Cleanup(func() {
+		pc.Close()
+		wg.Wait()
+	})
+	wg.Go(func() {
+		buf := make([]byte, 65536)
+		for {
+			n, from, err := pc.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			pc.WriteTo(append([]byte(name+"\n"), buf[:n]...), from)
+		}
+	})
+	return pc.LocalAddr().(*net.UDPAddr).AddrPort()
+}
+
+// exchange sends payload from c and returns who answered, checking that the
+// payload came back intact.
+func exchange(t *testing.T, c net.Conn, payload []byte) string {
+	t.Helper()
+	if _, err := c.Write(payload); err != nil {
+		t.Fatal(err)
+	}
+	c.SetReadDeadline(time.Now().Add(3 * time.Second))
+	buf := make([]byte, 70000)
+	n, err := c.Read(buf)
+	if err != nil {
+		t.Fatalf("no reply to a %d-byte datagram: %v", len(payload), err)
+	}
+	name, rest, _ := bytes.Cut(buf[:n], []byte("\n"))
+	if !bytes.Equal(rest, payload) {
+		t.Fatalf("reply carried %d bytes back, want the %d sent", len(rest), len(payload))
+	}
+	return string(name)
+}
+
+func dialUDP(t *testing.T, addr string) net.Conn {
+	t.Helper()
+	c, err := net.Dial("udp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+func udpSessions(ls *Listeners, k service.Key) int {
+	ls.mu.Lock()
+	l := ls.active[k]
+	ls.mu.Unlock()
+	return l.(*udpListener).Sessions()
+}
+
+// waitSessions waits up to 5s for the session count to become want.
+func waitSessions(t *testing.T, ls *Listeners, k service.Key, want int) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for udpSessions(ls, k) != want && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	if got := udpSessions(ls, k); got != want {
+		t.Fatalf("UDP sessions = %d, want %d", got, want)
+	}
+}
+
+// TestUDPLargeDatagrams: datagrams far over upstream's 4 KiB buffer arrive
+// whole (kubernetes#47659).
+func TestUDPLargeDatagrams(t *testing.T) {
+	ls := newSet(t, Config{})
+	addr := listen(t, ls, snap(t, udpPort(udpBackend(t, "a"))), udpPort().Key())
+	c := dialUDP(t, addr)
+	for _, size := range []int{1, 4097, 9000, 65000} {
+		if got := exchange(t, c, bytes.Repeat([]byte{'x'}, size)); got != "a" {
+			t.Errorf("%d bytes answered by %q", size, got)
+		}
+	}
+}
+
+func TestUDPSessionPerClient(t *testing.T) {
+	ls := newSet(t, Config{UDPTimeout: time.Minute})
+	addr := listen(t, ls, snap(t, udpPort(udpBackend(t, "a"), udpBackend(t, "b"))), udpPort().Key())
+	c1, c2 := dialUDP(t, addr), dialUDP(t, addr)
+	first1, first2 := exchange(t, c1, []byte("one")), exchange(t, c2, []byte("two"))
+	if first1 == first2 {
+		t.Errorf("two clients were both sent to %q; round robin should split them", first1)
+	}
+	for range 3 { // each client stays on its session's endpoint
+		if got := exchange(t, c1, []byte("one")); got != first1 {
+			t.Errorf("client 1 moved from %q to %q within its session", first1, got)
+		}
+		if got := exchange(t, c2, []byte("two")); got != first2 {
+			t.Errorf("client 2 moved from %q to %q within its session", first2, got)
+		}
+	}
+	if got := udpSessions(ls, udpPort().Key()); got != 2 {
+		t.Errorf("UDP sessions = %d, want 2", got)
+	}
+}
+
+func TestUDPSessionIdleTimeout(t *testing.T) {
+	ls := newSet(t, Config{UDPTimeout: 150 * time.Millisecond})
+	addr := listen(t, ls, snap(t, udpPort(udpBackend(t, "a"))), udpPort().Key())
+	c := dialUDP(t, addr)
+	// Traffic more often than the timeout keeps the one session alive.
+	for range 8 {
+		exchange(t, c, []byte("ping"))
+		if got := udpSessions(ls, udpPort().Key()); got != 1 {
+			t.Fatalf("UDP sessions during steady traffic = %d, want 1", got)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	// Silence ends it.
+	waitSessions(t, ls, udpPort().Key(), 0)
+	// And the next datagram starts a new one.
+	if got := exchange(t, c, []byte("again")); got != "a" {
+		t.Errorf("after expiry answered by %q", got)
+	}
+}
+
+// TestUDPEndpointRemoved: a session whose endpoint goes away is ended, so
+// the client's next datagram reaches a live endpoint instead of a dead pod.
+func TestUDPEndpointRemoved(t *testing.T) {
+	a, b := udpBackend(t, "a"), udpBackend(t, "b")
+	ls := newSet(t, Config{UDPTimeout: time.Minute})
+	addr := listen(t, ls, snap(t, udpPort(a)), udpPort().Key())
+	c := dialUDP(t, addr)
+	if got := exchange(t, c, []byte("1")); got != "a" {
+		t.Fatalf("answered by %q, want a", got)
+	}
+	listen(t, ls, snap(t, udpPort(b)), udpPort().Key())
+	if got := udpSessions(ls, udpPort().Key()); got != 0 {
+		t.Errorf("sessions right after the endpoint was removed = %d, want 0", got)
+	}
+	if got := exchange(t, c, []byte("2")); got != "b" {
+		t.Errorf("after a's removal answered by %q, want b", got)
+	}
+}
+
+func TestUDPNoEndpointsThenSome(t *testing.T) {
+	ls := newSet(t, Config{})
+	addr := listen(t, ls, snap(t, udpPort()), udpPort().Key())
+	c := dialUDP(t, addr)
+	c.Write([]byte("nobody"))
+	c.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+	if n, err := c.Read(make([]byte, 100)); err == nil {
+		t.Fatalf("a service with no endpoints answered %d bytes", n)
+	}
+	listen(t, ls, snap(t, udpPort(udpBackend(t, "a"))), udpPort().Key())
+	if got := exchange(t, c, []byte("now")); got != "a" {
+		t.Errorf("answered by %q, want a", got)
+	}
+}
