@@ -60,9 +60,9 @@ func TestRenderEmptyStillDeclaresChains(t *testing.T) {
 
 func TestSafeComment(t *testing.T) {
 	tests := map[string]string{
-		"default/web:http":          "default/web:http",
-		`a" -j ACCEPT`:              "a__-j_ACCEPT",
-		"x\ny":                      "x_y",
+		"default/web:http":        "default/web:http",
+		`a" -j ACCEPT`:            "a__-j_ACCEPT",
+		"x\ny":                    "x_y",
 		string(make([]byte, 300)): repeat('_', 255),
 	}
 	for in, want := range tests {
