@@ -1,0 +1,44 @@
+package proxy
+
+import (
+	"net/netip"
+	"strings"
+	"testing"
+
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/iptables"
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/service"
+)
+
+func TestRedirectsAndConflicts(t *testing.T) {
+	ip := netip.MustParseAddr("10.96.0.10")
+	a := service.Port{Name: service.PortName{Namespace: "default", Name: "a"}, Protocol: service.TCP, ClusterIP: ip, Port: 80, NodePort: 30080,
+		ExternalIPs: []netip.Addr{netip.MustParseAddr("203.0.113.7")}}
+	// b claims a's ClusterIP:port and NodePort: both are refused, its own
+	// UDP port is fine.
+	b := service.Port{Name: service.PortName{Namespace: "default", Name: "b"}, Protocol: service.TCP, ClusterIP: ip, Port: 80, NodePort: 30080}
+	bUDP := service.Port{Name: service.PortName{Namespace: "default", Name: "b"}, Protocol: service.UDP, ClusterIP: ip, Port: 80}
+	// c has no listener, so it gets no rule.
+	c := service.Port{Name: service.PortName{Namespace: "default", Name: "c"}, Protocol: service.TCP, ClusterIP: netip.MustParseAddr("10.96.0.12"), Port: 80}
+	s, err := service.NewSnapshot([]service.Port{a, b, bUDP, c})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rs, errs := redirects(s, map[service.Key]int{a.Key(): 1000, b.Key(): 1001, bUDP.Key(): 1002})
+	want := []iptables.Redirect{
+		{Kind: iptables.ClusterIP, IP: ip, Port: 80, Protocol: "tcp", ToPort: 1000, Comment: "default/a"},
+		{Kind: iptables.ExternalIP, IP: netip.MustParseAddr("203.0.113.7"), Port: 80, Protocol: "tcp", ToPort: 1000, Comment: "default/a"},
+		{Kind: iptables.NodePort, Port: 30080, Protocol: "tcp", ToPort: 1000, Comment: "default/a"},
+		{Kind: iptables.ClusterIP, IP: ip, Port: 80, Protocol: "udp", ToPort: 1002, Comment: "default/b"},
+	}
+	if len(rs) != len(want) {
+		t.Fatalf("redirects = %+v, want %+v", rs, want)
+	}
+	for i := range want {
+		if rs[i] != want[i] {
+			t.Errorf("redirect %d = %+v, want %+v", i, rs[i], want[i])
+		}
+	}
+	if len(errs) != 2 || !strings.Contains(errs[0].Error(), "already served for default/a") {
+		t.Errorf("conflicts = %v, want b's ClusterIP and NodePort refused", errs)
+	}
+}

@@ -1,0 +1,160 @@
+package snapshot
+
+import (
+	"net/netip"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	v1 "k8s.io/api/core/v1"
+	discovery "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/service"
+)
+
+func ptr[T any](v T) *T { return &v }
+
+func svc(name string, mutate func(*v1.Service)) *v1.Service {
+	s := &v1.Service{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: name},
+		Spec: v1.ServiceSpec{
+			ClusterIP: "10.96.0.10",
+			Ports:     []v1.ServicePort{{Name: "http", Port: 80, Protocol: v1.ProtocolTCP}},
+		},
+	}
+	if mutate != nil {
+		mutate(s)
+	}
+	return s
+}
+
+type ep struct {
+	ip                          string
+	ready, serving, terminating *bool
+	node                        string
+}
+
+func slice(name, service string, port int32, eps ...ep) *discovery.EndpointSlice {
+	s := &discovery.EndpointSlice{
+		ObjectMeta:  metav1.ObjectMeta{Namespace: "default", Name: name, Labels: map[string]string{discovery.LabelServiceName: service}},
+		AddressType: discovery.AddressTypeIPv4,
+		Ports:       []discovery.EndpointPort{{Name: ptr("http"), Protocol: ptr(v1.ProtocolTCP), Port: ptr(port)}},
+	}
+	for _, e := range eps {
+		d := discovery.Endpoint{Addresses: []string{e.ip}, Conditions: discovery.EndpointConditions{Ready: e.ready, Serving: e.serving, Terminating: e.terminating}}
+		if e.node != "" {
+			d.NodeName = ptr(e.node)
+		}
+		s.Endpoints = append(s.Endpoints, d)
+	}
+	return s
+}
+
+func endpointsOf(t *testing.T, s service.Snapshot, name string) []string {
+	t.Helper()
+	p, ok := s.Lookup(service.Key{Name: service.PortName{Namespace: "default", Name: name, Port: "http"}, Protocol: service.TCP})
+	if !ok {
+		t.Fatalf("snapshot has no port for %s", name)
+	}
+	var out []string
+	for _, e := range p.Endpoints {
+		out = append(out, e.String())
+	}
+	return out
+}
+
+func TestEndpointSelection(t *testing.T) {
+	yes, no := ptr(true), ptr(false)
+	tests := []struct {
+		name   string
+		svc    *v1.Service
+		slices []*discovery.EndpointSlice
+		want   []string
+	}{
+		{"unset conditions mean ready", svc("a", nil),
+			[]*discovery.EndpointSlice{slice("a-1", "a", 8080, ep{ip: "10.244.1.2"})},
+			[]string{"10.244.1.2:8080"}},
+		{"not ready is left out", svc("a", nil),
+			[]*discovery.EndpointSlice{slice("a-1", "a", 8080, ep{ip: "10.244.1.2"}, ep{ip: "10.244.2.2", ready: no})},
+			[]string{"10.244.1.2:8080"}},
+		{"terminating serves only when nothing is ready", svc("a", nil),
+			[]*discovery.EndpointSlice{slice("a-1", "a", 8080,
+				ep{ip: "10.244.1.2", ready: no, serving: yes, terminating: yes},
+				ep{ip: "10.244.2.2", ready: no, serving: no, terminating: yes})},
+			[]string{"10.244.1.2:8080"}},
+		{"terminating is ignored while something is ready", svc("a", nil),
+			[]*discovery.EndpointSlice{slice("a-1", "a", 8080,
+				ep{ip: "10.244.1.2", ready: no, serving: yes, terminating: yes},
+				ep{ip: "10.244.3.2", ready: yes})},
+			[]string{"10.244.3.2:8080"}},
+		{"slices merge and duplicates count once", svc("a", nil),
+			[]*discovery.EndpointSlice{
+				slice("a-1", "a", 8080, ep{ip: "10.244.2.2"}, ep{ip: "10.244.1.2"}),
+				slice("a-2", "a", 8080, ep{ip: "10.244.1.2"}),
+				slice("b-1", "b", 8080, ep{ip: "10.244.9.2"}),
+				slice("nolabel", "", 8080, ep{ip: "10.244.8.2"}),
+			},
+			[]string{"10.244.1.2:8080", "10.244.2.2:8080"}},
+		{"internalTrafficPolicy Local keeps this node's endpoints", svc("a", func(s *v1.Service) {
+			s.Spec.InternalTrafficPolicy = ptr(v1.ServiceInternalTrafficPolicyLocal)
+		}),
+			[]*discovery.EndpointSlice{slice("a-1", "a", 8080, ep{ip: "10.244.1.2", node: "node-a"}, ep{ip: "10.244.2.2", node: "node-b"})},
+			[]string{"10.244.1.2:8080"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s, warnings := Build([]*v1.Service{tt.svc}, tt.slices, "node-a")
+			if len(warnings) > 0 {
+				t.Errorf("warnings: %v", warnings)
+			}
+			if got := endpointsOf(t, s, tt.svc.Name); !slices.Equal(got, tt.want) {
+				t.Errorf("endpoints = %v, want %v", got, tt.want)
+			}
+		})
+	}
+}
+
+func TestSkippedServices(t *testing.T) {
+	services := []*v1.Service{
+		svc("headless", func(s *v1.Service) { s.Spec.ClusterIP = "None" }),
+		svc("external", func(s *v1.Service) { s.Spec.Type = v1.ServiceTypeExternalName; s.Spec.ExternalName = "example.org" }),
+		svc("sctp", func(s *v1.Service) { s.Spec.ClusterIP = "10.96.0.12"; s.Spec.Ports[0].Protocol = v1.ProtocolSCTP }),
+		svc("v6", func(s *v1.Service) { s.Spec.ClusterIP = "fd00::10" }),
+		svc("kept", func(s *v1.Service) { s.Spec.ClusterIP = "10.96.0.13" }),
+	}
+	s, warnings := Build(services, nil, "")
+	if len(s.Ports) != 1 || s.Ports[0].Name.Name != "kept" {
+		t.Errorf("snapshot ports = %v, want only kept", s.Ports)
+	}
+	joined := ""
+	for _, w := range warnings {
+		joined += w.Error() + "\n"
+	}
+	for _, want := range []string{"default/sctp:http: protocol SCTP is not supported", `clusterIP "fd00::10"`} {
+		if !strings.Contains(joined, want) {
+			t.Errorf("warnings %q lack %q", joined, want)
+		}
+	}
+	if len(warnings) != 2 {
+		t.Errorf("%d warnings, want 2 (headless and ExternalName are skipped silently)", len(warnings))
+	}
+}
+
+func TestFrontendsAndAffinity(t *testing.T) {
+	s := svc("a", func(s *v1.Service) {
+		s.Spec.Type = v1.ServiceTypeLoadBalancer
+		s.Spec.Ports[0].NodePort = 30080
+		s.Spec.ExternalIPs = []string{"203.0.113.7", "bad", "203.0.113.7"}
+		s.Status.LoadBalancer.Ingress = []v1.LoadBalancerIngress{{IP: "198.51.100.9"}, {Hostname: "lb.example.org"}}
+		s.Spec.SessionAffinity = v1.ServiceAffinityClientIP
+		s.Spec.SessionAffinityConfig = &v1.SessionAffinityConfig{ClientIP: &v1.ClientIPConfig{TimeoutSeconds: ptr[int32](60)}}
+	})
+	snap, _ := Build([]*v1.Service{s}, nil, "")
+	p := snap.Ports[0]
+	if p.NodePort != 30080 || len(p.ExternalIPs) != 1 || p.ExternalIPs[0] != netip.MustParseAddr("203.0.113.7") ||
+		len(p.LoadBalancerIPs) != 1 || p.Affinity != (service.Affinity{ClientIP: true, Timeout: time.Minute}) {
+		t.Errorf("port = %+v", p)
+	}
+}
