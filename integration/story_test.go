@@ -20,29 +20,26 @@ import (
 func TestServiceStory(t *testing.T) {
 	ctx := context.Background()
 	l := newLab(t)
-	client, err := l.AddPod("client")
+	client, err := l.AddPod("client", lab.ClientPod)
 	if err != nil {
 		t.Fatal(err)
 	}
-	story := lab.FirstStory()
-	// The client pod is pod 1 of the lab, so web pods start at 10.244.2.2.
-	story.Pods = nil
+	story := lab.Story{}
 	webs := map[string]*lab.Proc{}
-	addWeb := func(name, version string, port int) {
+	addWeb := func(w lab.WebPod) {
 		t.Helper()
-		p, err := l.AddPod(name)
+		proc, err := l.AddWeb(tools, w)
 		if err != nil {
 			t.Fatal(err)
 		}
-		w := lab.WebPod{Name: name, IP: p.IP, Version: version, WebPort: port, Ready: true}
-		proc, err := l.StartWeb(tools, p, w, len(story.Pods)+1)
-		if err != nil {
-			t.Fatal(err)
-		}
-		webs[name] = proc
+		webs[w.Name] = proc
 		story.Pods = append(story.Pods, w)
 	}
-	addWeb("web-1", "v1", 8080)
+	first := lab.FirstStory()
+	story.Selector = first.Selector
+	for _, w := range first.Pods {
+		addWeb(w)
+	}
 
 	manifest := filepath.Join(t.TempDir(), "lab.yaml")
 	if err := story.Write(manifest); err != nil {
@@ -97,8 +94,8 @@ func TestServiceStory(t *testing.T) {
 	})
 
 	t.Run("3 scale to 3 pods: round robin splits 300 connections evenly", func(t *testing.T) {
-		addWeb("web-2", "v1", 8080)
-		addWeb("web-3", "v1", 8080)
+		addWeb(lab.NewWebPod(2, "v1", 8080))
+		addWeb(lab.NewWebPod(3, "v1", 8080))
 		apply()
 		tally, failures, err := client.Tally(ctx, tools, clusterURL, 300)
 		if err != nil {
@@ -135,13 +132,13 @@ func TestServiceStory(t *testing.T) {
 	})
 
 	t.Run("4 a v2 pod on 9090 joins: both versions answer", func(t *testing.T) {
-		addWeb("web-v2-1", "v2", 9090)
+		addWeb(lab.NewWebPod(4, "v2", 9090))
 		apply()
 		tally, failures, err := client.Tally(ctx, tools, clusterURL, 30)
 		if err != nil {
 			t.Fatal(err)
 		}
-		v2 := fmt.Sprintf("This is Web Server %d running on 9090!", len(story.Pods))
+		v2 := "This is Web Server 4 running on 9090!"
 		if failures != 0 || tally[v2] != 10 || tally["This is Web Server 1 running on 8080!"] != 10 {
 			t.Fatalf("30 requests: %v with %d failures; want 10 each from servers 1, 2 and the v2 server", tally, failures)
 		}
@@ -158,7 +155,7 @@ func TestServiceStory(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		v2 := fmt.Sprintf("This is Web Server %d running on 9090!", len(story.Pods))
+		v2 := "This is Web Server 4 running on 9090!"
 		if failures != 0 || tally[v2] != 20 {
 			t.Fatalf("20 requests after the selector change: %v with %d failures; want all from %q", tally, failures, v2)
 		}

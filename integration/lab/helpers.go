@@ -17,11 +17,14 @@ type Tools struct {
 	Helper string // kup-lab
 }
 
-// StartWeb starts the web server of pod p, answering with the greeting of
-// web pod w, which is number n in the story.
-func (l *Lab) StartWeb(t Tools, p *Pod, w WebPod, n int) (*Proc, error) {
+// AddWeb makes the pod of web pod w and starts its web server.
+func (l *Lab) AddWeb(t Tools, w WebPod) (*Proc, error) {
+	p, err := l.AddPod(w.Name, w.Index)
+	if err != nil {
+		return nil, err
+	}
 	proc, err := l.Start(&p.NS, t.Helper, "web", "--listen", p.IP.String(),
-		"--port", strconv.Itoa(w.WebPort), "--udp-port", strconv.Itoa(UDPTargetPort), "--text", w.Greeting(n))
+		"--port", strconv.Itoa(w.WebPort), "--udp-port", strconv.Itoa(UDPTargetPort), "--text", w.Greeting())
 	if err != nil {
 		return nil, err
 	}

@@ -124,10 +124,17 @@ func (l *Lab) newNS(role string) (*NS, error) {
 	return ns, nil
 }
 
-// AddPod makes pod number len(Pods)+1, with address 10.244.N.2 and the node
-// at 10.244.N.1 as its gateway.
-func (l *Lab) AddPod(name string) (*Pod, error) {
-	n := len(l.Pods) + 1
+// AddPod makes pod number n (1 to 254), with address 10.244.n.2 and the
+// node at 10.244.n.1 as its gateway.
+func (l *Lab) AddPod(name string, n int) (*Pod, error) {
+	if n < 1 || n > 254 {
+		return nil, fmt.Errorf("pod number %d: want 1 to 254", n)
+	}
+	for _, p := range l.Pods {
+		if p.Index == n {
+			return nil, fmt.Errorf("pod number %d is taken by %s", n, p.Name)
+		}
+	}
 	ns, err := l.newNS(name)
 	if err != nil {
 		return nil, err

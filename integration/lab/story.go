@@ -26,6 +26,7 @@ var ClusterIP = netip.MustParseAddr("10.96.0.11")
 // WebPod is a pod of the story's web Deployment, as a manifest describes it.
 type WebPod struct {
 	Name    string
+	Index   int // the lab pod number: the pod's address is 10.244.Index.2
 	IP      netip.Addr
 	Version string // the "version" label: v1 or v2
 	WebPort int    // the container port named web-port
@@ -33,9 +34,9 @@ type WebPod struct {
 }
 
 // Greeting is what the pod's web server answers: the story's well-known
-// line, naming the server and its port.
-func (p WebPod) Greeting(n int) string {
-	return fmt.Sprintf("This is Web Server %d running on %d!", n, p.WebPort)
+// line, naming the server by its pod number, and its port.
+func (p WebPod) Greeting() string {
+	return fmt.Sprintf("This is Web Server %d running on %d!", p.Index, p.WebPort)
 }
 
 // Story is the state of the Service story at one step: svc-test-1 with its
@@ -123,10 +124,25 @@ func (s Story) Write(path string) error {
 	return os.Rename(tmp, path)
 }
 
+// ClientPod is the lab pod number of the story's client pod, out of the way
+// of the web pods, which are numbered from 1.
+const ClientPod = 100
+
 // FirstStory is the story's first step: one v1 pod, selected by app label.
+// docs/examples/lab.yaml is its manifest.
 func FirstStory() Story {
 	return Story{
 		Selector: map[string]string{"app": "web-front-end"},
-		Pods:     []WebPod{{Name: "web-1", IP: netip.MustParseAddr("10.244.1.2"), Version: "v1", WebPort: 8080, Ready: true}},
+		Pods:     []WebPod{NewWebPod(1, "v1", 8080)},
 	}
+}
+
+// NewWebPod is web pod number n of the story, at 10.244.n.2: named web-n for
+// v1 and web-v2-n for v2.
+func NewWebPod(n int, version string, webPort int) WebPod {
+	name := fmt.Sprintf("web-%d", n)
+	if version != "v1" {
+		name = fmt.Sprintf("web-%s-%d", version, n)
+	}
+	return WebPod{Name: name, Index: n, IP: netip.AddrFrom4([4]byte{10, 244, byte(n), 2}), Version: version, WebPort: webPort, Ready: true}
 }

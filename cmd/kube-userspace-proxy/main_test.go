@@ -1,0 +1,55 @@
+package main
+
+import (
+	"bytes"
+	"strings"
+	"testing"
+)
+
+func execute(args ...string) (string, error) {
+	cmd := newCommand()
+	var out bytes.Buffer
+	cmd.SetOut(&out)
+	cmd.SetErr(&out)
+	cmd.SetArgs(args)
+	err := cmd.Execute()
+	return out.String(), err
+}
+
+func TestBadFlags(t *testing.T) {
+	tests := []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--manifests", "x", "--bind-address", "127.0.0.1"}, "--bind-address 127.0.0.1: cannot proxy on a loopback"},
+		{[]string{"--manifests", "x", "--bind-address", "nodeA"}, `--bind-address "nodeA": not an IP address`},
+		{[]string{"--manifests", "x", "--bind-address", "fd00::1"}, "only IPv4 is supported"},
+		{[]string{"--manifests", "x", "--proxy-port-range", "9-1"}, `--proxy-port-range "9-1"`},
+		{[]string{"--manifests", "x", "--udp-timeout", "0s"}, "--udp-timeout 0s: must be greater than 0"},
+		{[]string{"--manifests", "x", "--iptables-backend", "bpf"}, `--iptables-backend "bpf": want legacy, nft or auto`},
+		{[]string{"--manifests", "x", "--log-format", "xml"}, `--log-format "xml": want text or json`},
+		{[]string{}, "--manifests: required"},
+		{[]string{"--manifests", "x", "extra"}, "does not take any arguments"},
+		{[]string{"--no-such-flag"}, "unknown flag: --no-such-flag"},
+	}
+	for _, tt := range tests {
+		_, err := execute(tt.args...)
+		if err == nil || !strings.Contains(err.Error(), tt.want) {
+			t.Errorf("%q: error %v, want one containing %q", tt.args, err, tt.want)
+		}
+	}
+}
+
+func TestAllBadFlagsReportedAtOnce(t *testing.T) {
+	_, err := execute("--manifests", "x", "--udp-timeout", "-1s", "--iptables-sync-period", "0s")
+	if err == nil || !strings.Contains(err.Error(), "--udp-timeout") || !strings.Contains(err.Error(), "--iptables-sync-period") {
+		t.Errorf("error %v; want both bad flags named", err)
+	}
+}
+
+func TestVersion(t *testing.T) {
+	out, err := execute("--version")
+	if err != nil || out != "kube-userspace-proxy "+version+"\n" {
+		t.Errorf("--version = %q, %v", out, err)
+	}
+}
