@@ -1,0 +1,60 @@
+# kube-userspace-proxy. Every target that touches the network needs root: the
+# lab and the tests create network namespaces and iptables rules inside them.
+#
+#   make demo    the Service story, told by its own output (start here)
+#   make test    vet, format check, and every test (unit, real iptables, lab)
+#   make bench   loopback benchmarks: our proxy against a direct connection
+#   make build   the binaries, into bin/
+
+SHELL := /bin/bash
+# A fresh machine may have Go installed but not on PATH.
+export PATH := $(PATH):/usr/local/go/bin
+GO ?= go
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo v0.0.0-dev)
+LDFLAGS := -X main.version=$(VERSION)
+
+# System packages the tests, the lab and the benchmarks run.
+DEB_PACKAGES := iptables iproute2 curl nftables
+BENCH_PACKAGES := iperf3 wrk haproxy socat
+
+.PHONY: all build test demo bench deps bench-deps netbench clean
+
+all: build
+
+build:
+	$(GO) build -ldflags "$(LDFLAGS)" -o bin/ ./cmd/...
+
+# deps installs the Debian packages that are missing (as root).
+deps:
+	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+test: deps
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+	$(GO) test -race -count=1 ./...
+
+demo: deps build
+	./bin/kup-lab demo
+
+bench-deps: deps
+	@missing=""; for p in $(BENCH_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+# bench: the proxy against a direct connection, measured in the same run;
+# compare the "proxy" and "direct" lines of each benchmark (docs/performance.md).
+bench: deps
+	$(GO) test -run '^$$' -bench . -benchtime 2s -count 3 ./proxy/userspace/
+
+# netbench: the shared network benchmark harness, with our binary as the
+# proxy under test beside the Go yardstick (needs ../shared/bench).
+netbench: bench-deps build
+	../shared/bench/netbench.sh --put "$(CURDIR)/hack/netbench-put.sh" --put-name kup --put-port0 --with-ref $(NETBENCH_ARGS)
+
+clean:
+	rm -rf bin
