@@ -12,6 +12,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"sync"
@@ -88,13 +89,9 @@ func (c *Config) log() logrus.FieldLogger {
 		return c.Log
 	}
 	l := logrus.New()
-	l.Out = discard{}
+	l.Out = io.Discard
 	return l
 }
-
-type discard struct{}
-
-func (discard) Write(p []byte) (int, error) { return len(p), nil }
 
 // ErrLoopbackBind is returned for a loopback --bind-address: iptables REDIRECT
 // and DNAT cannot deliver pod traffic to a loopback address.

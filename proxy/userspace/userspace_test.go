@@ -97,6 +97,17 @@ func echo(c *net.TCPConn) {
 	c.CloseWrite()
 }
 
+// dialTCP connects to addr; the connection is closed when the test ends.
+func dialTCP(t *testing.T, addr string) *net.TCPConn {
+	t.Helper()
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c.(*net.TCPConn)
+}
+
 // named answers with its name and closes.
 func named(name string) func(*net.TCPConn) {
 	return func(c *net.TCPConn) { io.WriteString(c, name) }
@@ -106,18 +117,14 @@ func TestTenMegabytesBothWays(t *testing.T) {
 	ls := newSet(t, Config{})
 	addr := listen(t, ls, snap(t, tcpPort(backend(t, echo))), tcpPort().Key())
 
-	c, err := net.Dial("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c := dialTCP(t, addr)
 	payload := make([]byte, 10<<20)
 	rand.Read(payload)
 	errc := make(chan error, 1)
 	go func() {
 		_, err := c.Write(payload)
 		if err == nil {
-			err = c.(*net.TCPConn).CloseWrite()
+			err = c.CloseWrite()
 		}
 		errc <- err
 	}()
@@ -145,13 +152,9 @@ func TestHalfClose(t *testing.T) {
 		fmt.Fprintf(c, "read %d bytes; here is the reply after your FIN", n)
 	})
 	addr := listen(t, ls, snap(t, tcpPort(ep)), tcpPort().Key())
-	c, err := net.Dial("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c := dialTCP(t, addr)
 	io.WriteString(c, "request")
-	c.(*net.TCPConn).CloseWrite()
+	c.CloseWrite()
 	c.SetReadDeadline(time.Now().Add(5 * time.Second))
 	got, err := io.ReadAll(c)
 	if want := "read 7 bytes; here is the reply after your FIN"; err != nil || string(got) != want {
@@ -170,12 +173,8 @@ func TestHalfOpenGuard(t *testing.T) {
 	})
 	defer close(release)
 	addr := listen(t, ls, snap(t, tcpPort(ep)), tcpPort().Key())
-	c, err := net.Dial("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	c.(*net.TCPConn).CloseWrite()
+	c := dialTCP(t, addr)
+	c.CloseWrite()
 	c.SetReadDeadline(time.Now().Add(10 * time.Second))
 	if _, err := io.ReadAll(c); err != nil && !errors.Is(err, syscallReset) && !strings.Contains(err.Error(), "reset") {
 		t.Fatalf("read after half-close: %v; want the proxy to end the connection", err)
@@ -333,11 +332,7 @@ func TestEndpointChangeKeepsTheListener(t *testing.T) {
 func TestRemovedServiceKeepsEstablishedConnections(t *testing.T) {
 	ls := newSet(t, Config{})
 	addr := listen(t, ls, snap(t, tcpPort(backend(t, echo))), tcpPort().Key())
-	c, err := net.Dial("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c := dialTCP(t, addr)
 	roundTrip := func(msg string) (string, error) {
 		c.SetDeadline(time.Now().Add(5 * time.Second))
 		if _, err := io.WriteString(c, msg); err != nil {
