@@ -110,7 +110,7 @@ type Listeners struct {
 
 	mu     sync.Mutex
 	active map[service.Key]listener
-	conns  map[*net.TCPConn]struct{} // live proxied TCP connections, both sides
+	conns  map[*net.TCPConn]*net.TCPConn // live proxied connections: client -> backend
 	closed bool
 	wg     sync.WaitGroup // every goroutine the set started
 }
@@ -142,7 +142,7 @@ func New(cfg Config) (*Listeners, error) {
 		ctx:    ctx,
 		cancel: cancel,
 		active: make(map[service.Key]listener),
-		conns:  make(map[*net.TCPConn]struct{}),
+		conns:  make(map[*net.TCPConn]*net.TCPConn),
 	}, nil
 }
 
@@ -201,8 +201,9 @@ func (ls *Listeners) Close() {
 		ls.cfg.Ports.Release(l.port())
 		delete(ls.active, k)
 	}
-	for c := range ls.conns {
-		c.Close()
+	for client, backend := range ls.conns {
+		client.Close()
+		backend.Close()
 	}
 	ls.mu.Unlock()
 	ls.cancel()
@@ -229,30 +230,30 @@ func (ls *Listeners) goroutine(f func()) {
 	}()
 }
 
-// track records a live TCP connection so that Close can end it; it reports
-// false, and the caller must close c, when the set is already closed.
-func (ls *Listeners) track(c *net.TCPConn) bool {
+// track records a proxied TCP connection, its client and backend sockets,
+// so that Close can end it. It reports false when the set is already
+// closed; the caller then closes both.
+func (ls *Listeners) track(client, backend *net.TCPConn) bool {
 	ls.mu.Lock()
 	defer ls.mu.Unlock()
 	if ls.closed {
 		return false
 	}
-	ls.conns[c] = struct{}{}
+	ls.conns[client] = backend
 	return true
 }
 
-func (ls *Listeners) untrack(c *net.TCPConn) {
+func (ls *Listeners) untrack(client *net.TCPConn) {
 	ls.mu.Lock()
 	defer ls.mu.Unlock()
-	delete(ls.conns, c)
+	delete(ls.conns, client)
 }
 
-// ActiveConnections is the number of proxied TCP connections (client and
-// backend sockets count as one connection).
+// ActiveConnections is the number of proxied TCP connections.
 func (ls *Listeners) ActiveConnections() int {
 	ls.mu.Lock()
 	defer ls.mu.Unlock()
-	return len(ls.conns) / 2
+	return len(ls.conns)
 }
 
 // acceptBackoff returns how long to wait after the n-th accept or read error

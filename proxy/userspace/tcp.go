@@ -14,6 +14,14 @@ import (
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/service"
 )
 
+// keepAlive turns TCP keep-alive on for both sockets of every proxied
+// connection, with the kernel's timings (net.ipv4.tcp_keepalive_*). The
+// client's own keep-alive probes end at our socket, so the proxy must probe
+// each side itself to notice a peer that vanished without a FIN or RST. Go's
+// default would also set its own 15s timings: three more system calls per
+// socket on the new-connection path.
+var keepAlive = net.KeepAliveConfig{Enable: true, Idle: -1, Interval: -1, Count: -1}
+
 // tcpListener accepts the connections that iptables redirects to one TCP
 // service port.
 type tcpListener struct {
@@ -28,11 +36,12 @@ func (ls *Listeners) openTCP(p *service.Port) (listener, error) {
 	bind := ls.cfg.bindAddress()
 	var ln *net.TCPListener
 	_, err := ls.cfg.Ports.Allocate(func(port int) (int, error) {
-		var err error
-		ln, err = net.ListenTCP("tcp4", net.TCPAddrFromAddrPort(netip.AddrPortFrom(bind, uint16(port))))
+		lc := net.ListenConfig{KeepAliveConfig: keepAlive}
+		l, err := lc.Listen(context.Background(), "tcp4", netip.AddrPortFrom(bind, uint16(port)).String())
 		if err != nil {
 			return 0, err
 		}
+		ln = l.(*net.TCPListener)
 		return ln.Addr().(*net.TCPAddr).Port, nil
 	})
 	if err != nil {
@@ -67,10 +76,6 @@ func (l *tcpListener) serve() {
 			continue
 		}
 		failures = 0
-		if !l.set.track(c) {
-			c.Close()
-			return
-		}
 		l.set.goroutine(func() { l.handle(c) })
 	}
 }
@@ -78,7 +83,6 @@ func (l *tcpListener) serve() {
 // handle proxies one accepted client connection: choose an endpoint, dial it
 // (the next endpoint on failure), then copy bytes both ways.
 func (l *tcpListener) handle(client *net.TCPConn) {
-	defer l.set.untrack(client)
 	defer client.Close()
 
 	clientIP := client.RemoteAddr().(*net.TCPAddr).AddrPort().Addr().Unmap()
@@ -97,15 +101,14 @@ func (l *tcpListener) handle(client *net.TCPConn) {
 		l.log.WithError(err).WithField("client", client.RemoteAddr()).Warn("Dropped connection: no endpoint answered")
 		return
 	}
-	defer l.set.untrack(backend)
 	defer backend.Close()
-	if !l.set.track(backend) {
-		return
+	if !l.set.track(client, backend) {
+		return // the set is closing
 	}
+	defer l.set.untrack(client)
 	if endpoint != choice.Endpoint(0) {
 		l.bal.Connected(clientIP, endpoint)
 	}
-	l.log.WithFields(logrus.Fields{"client": client.RemoteAddr(), "endpoint": endpoint}).Trace("Proxying connection")
 	splice(client, backend, l.set.cfg.halfCloseTimeout())
 }
 
@@ -115,7 +118,7 @@ func (l *tcpListener) dial(ctx context.Context, choice balancer.Choice) (*net.TC
 	var errs []error
 	for attempt, timeout := range l.set.cfg.dialTimeouts() {
 		ep := choice.Endpoint(attempt)
-		d := net.Dialer{Timeout: timeout}
+		d := net.Dialer{Timeout: timeout, KeepAliveConfig: keepAlive}
 		c, err := d.DialContext(ctx, "tcp", ep.String())
 		if err == nil {
 			return c.(*net.TCPConn), ep, nil
@@ -130,36 +133,40 @@ func (l *tcpListener) dial(ctx context.Context, choice balancer.Choice) (*net.TC
 }
 
 // splice copies bytes both ways between a and b until both directions are
-// done, then closes both. Between two bare *net.TCPConn, io.Copy uses
-// splice(2) on Linux: the bytes go from socket to socket through a kernel
-// pipe and never into our memory.
-//
-// A direction that ends cleanly (EOF) forwards the half-close: the other
-// side's write half is shut, so a client that sends a request and shuts its
-// write side still receives the whole reply. From then on the remaining
-// direction has halfCloseTimeout to finish, so a peer that never closes
-// cannot leak both sockets forever. An error in either direction closes both.
+// done. Between two bare *net.TCPConn, io.Copy uses splice(2) on Linux: the
+// bytes go from socket to socket through a kernel pipe and never into our
+// memory. One direction runs in a goroutine of its own, the other in the
+// caller's.
 func splice(a, b *net.TCPConn, halfCloseTimeout time.Duration) {
-	errc := make(chan error, 2)
-	go proxyCopy(errc, b, a)
-	go proxyCopy(errc, a, b)
-	if err := <-errc; err != nil {
-		a.Close()
-		b.Close()
-	} else {
-		deadline := time.Now().Add(halfCloseTimeout)
-		a.SetDeadline(deadline)
-		b.SetDeadline(deadline)
-	}
-	<-errc
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		proxyCopy(b, a, halfCloseTimeout)
+	}()
+	proxyCopy(a, b, halfCloseTimeout)
+	<-done
 }
 
-// proxyCopy copies from src to dst and reports how it ended. It is a named
-// function, not a closure, so that goroutine dumps say what it is.
-func proxyCopy(errc chan<- error, dst, src *net.TCPConn) {
+// proxyCopy copies one direction, from src to dst, and decides what its end
+// means for the connection.
+//
+// A clean end (EOF) is forwarded as a half-close: dst's write side is shut,
+// so a client that sends a request and shuts its write side still receives
+// the whole reply. From then on the other direction has halfCloseTimeout to
+// finish, so a peer that never closes cannot hold both sockets forever
+// (kubernetes#18354). An error closes both connections, which ends the other
+// direction too.
+func proxyCopy(dst, src *net.TCPConn, halfCloseTimeout time.Duration) {
 	_, err := io.Copy(dst, src)
 	if err == nil {
 		err = dst.CloseWrite()
 	}
-	errc <- err
+	if err != nil {
+		src.Close()
+		dst.Close()
+		return
+	}
+	deadline := time.Now().Add(halfCloseTimeout)
+	src.SetDeadline(deadline)
+	dst.SetDeadline(deadline)
 }

@@ -30,7 +30,6 @@ type udpListener struct {
 	set  *Listeners
 	name service.PortName
 	pc   *net.UDPConn
-	pc4  *ipv4.PacketConn // pc, with access to each datagram's destination
 	bal  balancer.Balancer
 	log  logrus.FieldLogger
 
@@ -43,6 +42,7 @@ type udpListener struct {
 type udpSession struct {
 	client   netip.AddrPort
 	local    netip.Addr // the address the client sent to: replies come from it
+	oob      []byte     // the IP_PKTINFO control message that says so
 	endpoint netip.AddrPort
 	backend  *net.UDPConn // connected to endpoint
 	last     atomic.Int64 // unix nanoseconds of the last datagram either way
@@ -64,7 +64,6 @@ func (ls *Listeners) openUDP(p *service.Port) (listener, error) {
 	if err != nil {
 		return nil, err
 	}
-	pc4 := ipv4.NewPacketConn(pc)
 	// Ask the kernel for each datagram's destination address (IP_PKTINFO),
 	// so that replies leave from the very address the client sent to. This is
 	// what makes REDIRECT right for UDP from the node itself: a redirected
@@ -72,7 +71,7 @@ func (ls *Listeners) openUDP(p *service.Port) (listener, error) {
 	// source would not match the connection-tracking entry, so the kernel
 	// could not rewrite it back to the ClusterIP and the client would drop
 	// it. (Upstream worked around this with DNAT to a node IP.)
-	if err := pc4.SetControlMessage(ipv4.FlagDst, true); err != nil {
+	if err := ipv4.NewPacketConn(pc).SetControlMessage(ipv4.FlagDst, true); err != nil {
 		pc.Close()
 		return nil, err
 	}
@@ -80,7 +79,6 @@ func (ls *Listeners) openUDP(p *service.Port) (listener, error) {
 		set:      ls,
 		name:     p.Name,
 		pc:       pc,
-		pc4:      pc4,
 		log:      ls.log.WithField("service", p.Name.String()),
 		sessions: make(map[netip.AddrPort]*udpSession),
 	}
@@ -131,9 +129,11 @@ func (l *udpListener) Sessions() int {
 // backoff: it never silently ends the service (kubernetes#13709).
 func (l *udpListener) serve() {
 	buf := make([]byte, maxDatagram)
+	oob := ipv4.NewControlMessage(ipv4.FlagDst)
+	var cm ipv4.ControlMessage
 	failures := 0
 	for {
-		n, cm, from, err := l.pc4.ReadFrom(buf)
+		n, oobn, _, client, err := l.pc.ReadMsgUDPAddrPort(buf, oob)
 		if errors.Is(err, net.ErrClosed) {
 			return
 		}
@@ -144,10 +144,9 @@ func (l *udpListener) serve() {
 			continue
 		}
 		failures = 0
-		client := from.(*net.UDPAddr).AddrPort()
 		client = netip.AddrPortFrom(client.Addr().Unmap(), client.Port())
 		var local netip.Addr
-		if cm != nil {
+		if cm.Parse(oob[:oobn]) == nil {
 			local, _ = netip.AddrFromSlice(cm.Dst.To4())
 		}
 		l.forward(client, local, buf[:n])
@@ -203,6 +202,9 @@ func (l *udpListener) session(client netip.AddrPort, local netip.Addr) *udpSessi
 		l.bal.Connected(client.Addr(), ep)
 	}
 	s = &udpSession{client: client, local: local, endpoint: ep, backend: backend}
+	if local.IsValid() {
+		s.oob = (&ipv4.ControlMessage{Src: local.AsSlice()}).Marshal()
+	}
 	s.touch()
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -231,16 +233,15 @@ func (l *udpListener) replies(s *udpSession) {
 	defer l.end(s)
 	timeout := l.set.cfg.udpTimeout()
 	buf := make([]byte, maxDatagram)
-	dst := net.UDPAddrFromAddrPort(s.client)
-	var cm *ipv4.ControlMessage
-	if s.local.IsValid() {
-		cm = &ipv4.ControlMessage{Src: s.local.AsSlice()}
-	}
+	// The read deadline is moved only when it fires, not for every
+	// datagram: it costs a timer update, and most sessions are busy.
+	s.backend.SetReadDeadline(time.Unix(0, s.last.Load()).Add(timeout))
 	for {
-		s.backend.SetReadDeadline(time.Unix(0, s.last.Load()).Add(timeout))
 		n, err := s.backend.Read(buf)
 		if errors.Is(err, os.ErrDeadlineExceeded) {
-			if time.Since(time.Unix(0, s.last.Load())) < timeout {
+			last := time.Unix(0, s.last.Load())
+			if time.Since(last) < timeout {
+				s.backend.SetReadDeadline(last.Add(timeout))
 				continue // the client sent something meanwhile
 			}
 			return
@@ -252,7 +253,7 @@ func (l *udpListener) replies(s *udpSession) {
 			return
 		}
 		s.touch()
-		if _, err := l.pc4.WriteTo(buf[:n], cm, dst); err != nil {
+		if _, _, err := l.pc.WriteMsgUDPAddrPort(buf[:n], s.oob, s.client); err != nil {
 			if errors.Is(err, net.ErrClosed) {
 				return
 			}
