@@ -36,7 +36,7 @@ done
 	case $line in
 	*'"msg":"Added service port"'*)
 		svc=$(printf '%s' "$line" | sed -n 's/.*"service":"default\/\([^"]*\)".*/\1/p')
-		port=$(printf '%s' "$line" | sed -n 's/.*"listener":\([0-9]*\).*/\1/p')
+		port=$(printf '%s' "$line" | sed -n 's/.*"listener":"\{0,1\}\([0-9]*\).*/\1/p')
 		echo "NETBENCH LISTEN $svc $port"
 		;;
 	esac

@@ -18,6 +18,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -25,6 +26,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/iptables"
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/localaddr"
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/manifest"
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/service"
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/snapshot"
@@ -40,8 +42,15 @@ type Config struct {
 	// Listeners configures the listeners: bind address, port range,
 	// timeouts.
 	Listeners userspace.Config
-	// Backend is the iptables backend to write to; empty means detect it.
+	// Mode is how Service traffic reaches the listeners: ModeRedirect (the
+	// default when empty), ModeBind or ModeAuto (--mode).
+	Mode string
+	// Backend is the iptables backend to write to in redirect mode; empty
+	// means detect it.
 	Backend iptables.Backend
+	// NodePortAddresses selects the node addresses NodePorts are served on
+	// in bind mode (--nodeport-addresses); empty means all.
+	NodePortAddresses []netip.Prefix
 	// NodeName is this node's name, for internalTrafficPolicy Local.
 	NodeName string
 	// SyncPeriod is how often everything is applied again even without a
@@ -76,30 +85,23 @@ func Run(ctx context.Context, cfg Config) error {
 	if cfg.Manifests == "" {
 		return errors.New("no source of Services: give --manifests PATH")
 	}
-	backend := cfg.Backend
-	if backend == "" {
-		var err error
-		if backend, err = iptables.DetectBackend(); err != nil {
-			return err
-		}
-	}
-	table, err := iptables.New(backend, cfg.Listeners.BindAddress)
-	if err != nil {
-		return err
-	}
 	listeners, err := userspace.New(cfg.Listeners)
 	if err != nil {
 		return err
 	}
 	defer listeners.Close()
+	front, err := newFrontend(&cfg, log, listeners)
+	if err != nil {
+		return err
+	}
 	log.WithFields(logrus.Fields{
-		"iptablesBackend": backend,
-		"bindAddress":     bindString(cfg.Listeners.BindAddress),
-		"proxyPortRange":  cfg.Listeners.Ports.String(),
-		"manifests":       cfg.Manifests,
+		"mode":           front.mode(),
+		"bindAddress":    bindString(cfg.Listeners.BindAddress),
+		"proxyPortRange": cfg.Listeners.Ports.String(),
+		"manifests":      cfg.Manifests,
 	}).Info("Starting kube-userspace-proxy")
 
-	p := &proxier{log: log, listeners: listeners, table: table}
+	p := &proxier{log: log, listeners: listeners, front: front}
 	snaps := make(chan service.Snapshot, 1)
 	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error {
@@ -117,7 +119,7 @@ func Run(ctx context.Context, cfg Config) error {
 		return nil
 	})
 	err = g.Wait()
-	log.Info("Stopped; the rules stay in place until the next start or --cleanup")
+	log.Info("Stopped; rules and addresses stay in place until the next start or --cleanup")
 	return err
 }
 
@@ -131,10 +133,16 @@ func offer(ch chan service.Snapshot, s service.Snapshot) {
 	ch <- s
 }
 
-// Cleanup removes our rules and chains from every iptables backend the node
-// has (--cleanup), so that a node is clean whichever backend we last used.
+// Cleanup removes what any mode of ours added to the node (--cleanup): our
+// rules and chains from every iptables backend the node has, so that a node
+// is clean whichever backend we last used, and our Service addresses.
 func Cleanup(log logrus.FieldLogger) error {
 	var errs []error
+	if err := localaddr.Cleanup(); err != nil {
+		errs = append(errs, fmt.Errorf("service addresses: %w", err))
+	} else {
+		log.Info("Removed our Service addresses")
+	}
 	for _, b := range iptables.Available() {
 		t, err := iptables.New(b, netip.Addr{})
 		if err == nil {
@@ -160,9 +168,9 @@ func bindString(a netip.Addr) string {
 type proxier struct {
 	log       logrus.FieldLogger
 	listeners *userspace.Listeners
-	table     *iptables.Table
+	front     frontend
 	current   service.Snapshot
-	ports     map[service.Key]int
+	bound     map[service.Key][]netip.AddrPort
 }
 
 // build makes the Snapshot for a manifest's objects: Pods become
@@ -199,71 +207,31 @@ func (p *proxier) loop(ctx context.Context, snaps <-chan service.Snapshot, perio
 // apply makes the node serve s.
 func (p *proxier) apply(s service.Snapshot) {
 	start := time.Now()
-	// 1. Open listeners for new service ports, and give every listener its
-	// current endpoints. Old listeners keep serving meanwhile.
-	ports, err := p.listeners.Sync(s)
+	// 1. Open the sockets new service ports and new addresses need, and
+	// give every listener its current endpoints. Old sockets keep serving
+	// meanwhile.
+	bound, err := p.listeners.Sync(s, p.front.binds)
 	if err != nil {
-		p.log.WithError(err).Error("Some service ports have no listener and are not served")
+		p.log.WithError(err).Error("Some Service addresses have no listener and are not served")
 	}
-	// 2. Point the Service addresses at the listeners.
-	redirects, conflicts := redirects(s, ports)
-	for _, c := range conflicts {
-		p.log.WithError(c).Error("Service address not served")
-	}
-	if err := p.table.Sync(redirects); err != nil {
-		// Keep every listener open: the rules still in the kernel may
-		// point at any of them. The next change or sync tries again.
-		p.log.WithError(err).Error("Could not write iptables rules; will retry")
+	// 2. Point the Service addresses at the sockets: rules, or local
+	// addresses.
+	if err := p.front.point(s, bound); err != nil {
+		// Keep every socket open: what is still in the kernel may lead
+		// to any of them. The next change or sync tries again.
+		p.log.WithError(err).Error("Could not point Service addresses at the listeners; will retry")
 		return
 	}
-	// 3. Nothing points at the listeners of removed ports any more.
-	p.listeners.CloseUnused(s)
-	p.logChanges(s, ports)
-	p.current, p.ports = s, ports
-	p.log.WithFields(logrus.Fields{"servicePorts": len(s.Ports), "rules": len(redirects), "duration": time.Since(start).Round(time.Microsecond)}).Debug("Synced")
-}
-
-// redirects lists the rules for s. An address:port that two service ports
-// claim is given to the first in key order; the other is reported.
-func redirects(s service.Snapshot, ports map[service.Key]int) ([]iptables.Redirect, []error) {
-	var rs []iptables.Redirect
-	var errs []error
-	owner := map[string]service.Key{}
-	add := func(p *service.Port, kind iptables.Kind, ip netip.Addr, port uint16, listener int) {
-		proto := strings.ToLower(string(p.Protocol))
-		claim := fmt.Sprintf("%s:%d/%s", ip, port, proto)
-		if kind == iptables.NodePort {
-			claim = fmt.Sprintf("nodePort %d/%s", port, proto)
-		}
-		if other, ok := owner[claim]; ok && other != p.Key() {
-			errs = append(errs, fmt.Errorf("%s of %s is already served for %s", claim, p.Name, other.Name))
-			return
-		}
-		owner[claim] = p.Key()
-		rs = append(rs, iptables.Redirect{Kind: kind, IP: ip, Port: port, Protocol: proto, ToPort: uint16(listener), Comment: p.Name.String()})
-	}
-	for i := range s.Ports {
-		p := &s.Ports[i]
-		listener, ok := ports[p.Key()]
-		if !ok {
-			continue
-		}
-		add(p, iptables.ClusterIP, p.ClusterIP, p.Port, listener)
-		for _, ip := range p.ExternalIPs {
-			add(p, iptables.ExternalIP, ip, p.Port, listener)
-		}
-		for _, ip := range p.LoadBalancerIPs {
-			add(p, iptables.LoadBalancerIP, ip, p.Port, listener)
-		}
-		if p.NodePort != 0 {
-			add(p, iptables.NodePort, netip.Addr{}, p.NodePort, listener)
-		}
-	}
-	return rs, errs
+	// 3. Nothing leads to the sockets of removed ports and addresses any
+	// more.
+	p.listeners.CloseUnused()
+	p.logChanges(s, bound)
+	p.current, p.bound = s, bound
+	p.log.WithFields(logrus.Fields{"servicePorts": len(s.Ports), "duration": time.Since(start).Round(time.Microsecond)}).Debug("Synced")
 }
 
 // logChanges logs one line per service port added, changed or removed.
-func (p *proxier) logChanges(s service.Snapshot, ports map[service.Key]int) {
+func (p *proxier) logChanges(s service.Snapshot, bound map[service.Key][]netip.AddrPort) {
 	for i := range s.Ports {
 		n := &s.Ports[i]
 		fields := logrus.Fields{
@@ -271,7 +239,7 @@ func (p *proxier) logChanges(s service.Snapshot, ports map[service.Key]int) {
 			"protocol":  n.Protocol,
 			"clusterIP": n.ClusterIP.String(),
 			"port":      n.Port,
-			"listener":  ports[n.Key()],
+			"listener":  listenerString(bound[n.Key()]),
 			"endpoints": len(n.Endpoints),
 		}
 		if n.NodePort != 0 {
@@ -281,14 +249,28 @@ func (p *proxier) logChanges(s service.Snapshot, ports map[service.Key]int) {
 		switch {
 		case !ok:
 			p.log.WithFields(fields).Info("Added service port")
-		case !service.SameFrontends(old, n) || old.Affinity != n.Affinity || !slices.Equal(old.Endpoints, n.Endpoints) || p.ports[n.Key()] != ports[n.Key()]:
+		case !service.SameFrontends(old, n) || old.Affinity != n.Affinity || !slices.Equal(old.Endpoints, n.Endpoints) || !slices.Equal(p.bound[n.Key()], bound[n.Key()]):
 			p.log.WithFields(fields).Info("Updated service port")
 		}
 	}
 	for i := range p.current.Ports {
 		o := &p.current.Ports[i]
 		if _, ok := s.Lookup(o.Key()); !ok {
-			p.log.WithFields(logrus.Fields{"service": o.Name.String(), "protocol": o.Protocol, "clusterIP": o.ClusterIP.String(), "port": o.Port, "listener": p.ports[o.Key()]}).Info("Removed service port")
+			p.log.WithFields(logrus.Fields{"service": o.Name.String(), "protocol": o.Protocol, "clusterIP": o.ClusterIP.String(), "port": o.Port, "listener": listenerString(p.bound[o.Key()])}).Info("Removed service port")
 		}
 	}
+}
+
+// listenerString describes where a service port listens: the port alone
+// for the one socket of redirect mode (its address is the bind address),
+// else every address.
+func listenerString(addrs []netip.AddrPort) string {
+	if len(addrs) == 1 && addrs[0].Addr().IsUnspecified() {
+		return strconv.Itoa(int(addrs[0].Port()))
+	}
+	parts := make([]string, len(addrs))
+	for i, a := range addrs {
+		parts[i] = a.String()
+	}
+	return strings.Join(parts, ",")
 }

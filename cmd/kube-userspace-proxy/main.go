@@ -42,6 +42,8 @@ type options struct {
 	udpTimeout       time.Duration
 	syncPeriod       time.Duration
 	iptablesBackend  string
+	mode             string
+	nodePortAddrs    []string
 	hostnameOverride string
 	cleanup          bool
 	logFormat        string
@@ -90,6 +92,8 @@ and carries each connection to one of the Service's pods, round robin.`,
 	f.StringVar(&o.proxyPortRange, "proxy-port-range", "", "node ports for our listeners: begin-end, begin+offset, or empty for ports the kernel chooses")
 	f.DurationVar(&o.udpTimeout, "udp-timeout", userspace.DefaultUDPTimeout, "how long an idle UDP session lives; raise it for protocols whose replies come slowly (DNS over slow upstreams, game servers)")
 	f.DurationVar(&o.syncPeriod, "iptables-sync-period", 30*time.Second, "how often everything is applied again even without a change, putting back rules someone else deleted")
+	f.StringVar(&o.mode, "mode", proxy.ModeRedirect, "how Service traffic reaches the listeners: redirect (iptables REDIRECT), bind (Service IPs made local, no netfilter at all), or auto (redirect if the kernel can NAT, else bind)")
+	f.StringSliceVar(&o.nodePortAddrs, "nodeport-addresses", nil, "in bind mode, CIDRs selecting the node addresses NodePorts are served on (default: all)")
 	f.StringVar(&o.iptablesBackend, "iptables-backend", "auto", "iptables backend: legacy, nft, or auto (the one the node already uses)")
 	f.StringVar(&o.hostnameOverride, "hostname-override", "", "this node's name, for internalTrafficPolicy Local; default the lower-cased hostname")
 	f.BoolVar(&o.cleanup, "cleanup", false, "remove our iptables chains and rules from every backend, then exit")
@@ -154,6 +158,24 @@ func (o *options) config(log logrus.FieldLogger) (proxy.Config, error) {
 	default:
 		errs = append(errs, fmt.Errorf("--iptables-backend %q: want legacy, nft or auto", o.iptablesBackend))
 	}
+	switch o.mode {
+	case proxy.ModeRedirect, proxy.ModeAuto:
+	case proxy.ModeBind:
+		if bind.IsValid() && !bind.IsUnspecified() {
+			errs = append(errs, fmt.Errorf("--bind-address %s: applies to --mode redirect only (in bind mode listeners bind the Service addresses themselves)", bind))
+		}
+	default:
+		errs = append(errs, fmt.Errorf("--mode %q: want redirect, bind or auto", o.mode))
+	}
+	var nodePortAddrs []netip.Prefix
+	for _, c := range o.nodePortAddrs {
+		p, err := netip.ParsePrefix(c)
+		if err != nil || !p.Addr().Is4() {
+			errs = append(errs, fmt.Errorf("--nodeport-addresses %q: not an IPv4 CIDR (want e.g. 10.200.0.0/24)", c))
+			continue
+		}
+		nodePortAddrs = append(nodePortAddrs, p.Masked())
+	}
 	if o.manifests == "" {
 		errs = append(errs, errors.New("--manifests: required (a file or directory of Services, EndpointSlices and Pods)"))
 	}
@@ -176,8 +198,10 @@ func (o *options) config(log logrus.FieldLogger) (proxy.Config, error) {
 			UDPTimeout:  o.udpTimeout,
 			Log:         log,
 		},
-		Backend:    backend,
-		NodeName:   nodeName,
+		Mode:              o.mode,
+		Backend:           backend,
+		NodePortAddresses: nodePortAddrs,
+		NodeName:          nodeName,
 		SyncPeriod: o.syncPeriod,
 		Log:        log,
 	}, nil

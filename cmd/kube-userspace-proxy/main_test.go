@@ -29,6 +29,9 @@ func TestBadFlags(t *testing.T) {
 		{[]string{"--manifests", "x", "--iptables-backend", "bpf"}, `--iptables-backend "bpf": want legacy, nft or auto`},
 		{[]string{"--manifests", "x", "--log-format", "xml"}, `--log-format "xml": want text or json`},
 		{[]string{}, "--manifests: required"},
+		{[]string{"--manifests", "x", "--mode", "ipvs"}, `--mode "ipvs": want redirect, bind or auto`},
+		{[]string{"--manifests", "x", "--mode", "bind", "--bind-address", "10.0.0.1"}, "applies to --mode redirect only"},
+		{[]string{"--manifests", "x", "--nodeport-addresses", "10.0.0.0/33"}, `--nodeport-addresses "10.0.0.0/33": not an IPv4 CIDR`},
 		{[]string{"--manifests", "x", "extra"}, "does not take any arguments"},
 		{[]string{"--no-such-flag"}, "unknown flag: --no-such-flag"},
 	}

@@ -15,7 +15,8 @@ type Watcher struct {
 	Path string
 	// Interval is how often the files are looked at. Zero means 500ms. Only
 	// their names, sizes and modification times are looked at; they are read
-	// again only when one of those changed.
+	// again when one of those changed and then stayed the same for one more
+	// interval (so a change is applied within two intervals).
 	Interval time.Duration
 	// Log receives the errors of bad edits. Nil discards them.
 	Log logrus.FieldLogger
@@ -28,6 +29,7 @@ type Watcher struct {
 // only, never concurrently.
 func (w *Watcher) Run(ctx context.Context, apply func(*Objects)) error {
 	stamp, _ := w.stamp()
+	pending := stamp
 	objs, err := Load(w.Path)
 	if err != nil {
 		return err
@@ -47,8 +49,15 @@ func (w *Watcher) Run(ctx context.Context, apply func(*Objects)) error {
 			return nil
 		case <-tick.C:
 		}
-		now, err := w.stamp()
-		if err == nil && now == stamp {
+		now, _ := w.stamp() // "" when the files cannot be listed: Load says why, once
+		if now == stamp {
+			continue
+		}
+		if now != pending {
+			// Changed since the last look: wait one more interval for
+			// the writer to finish, so a file caught halfway through
+			// being written is never served.
+			pending = now
 			continue
 		}
 		stamp = now

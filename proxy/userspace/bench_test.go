@@ -29,11 +29,11 @@ func benchTarget(b *testing.B, path string, p service.Port) string {
 	if err != nil {
 		b.Fatal(err)
 	}
-	ports, err := ls.Sync(s)
+	bound, err := ls.Sync(s, ls.RedirectBinds)
 	if err != nil {
 		b.Fatal(err)
 	}
-	return netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(ports[p.Key()])).String()
+	return netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), bound[p.Key()][0].Port()).String()
 }
 
 // benchDial connects to path's address for p; the connection is closed when

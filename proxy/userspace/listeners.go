@@ -16,9 +16,11 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
 
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/balancer"
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/portalloc"
@@ -97,10 +99,11 @@ func (c *Config) log() logrus.FieldLogger {
 // and DNAT cannot deliver pod traffic to a loopback address.
 var ErrLoopbackBind = errors.New("cannot proxy on a loopback --bind-address (use 0.0.0.0 or a node address)")
 
-// Listeners is the set of listeners of the node, one per service port. Sync
-// opens and updates them from a Snapshot; CloseUnused closes the ones a
-// Snapshot no longer has; Close stops everything. Established connections
-// belong to the set, not to one listener, so they outlive their listener.
+// Listeners is the set of listeners of the node, one per service port, each
+// with one or more sockets. Sync opens and updates them from a Snapshot;
+// CloseUnused closes what the last Sync no longer wanted; Close stops
+// everything. Established connections belong to the set, not to one
+// listener, so they outlive their listener.
 type Listeners struct {
 	cfg Config
 	log logrus.FieldLogger
@@ -109,22 +112,39 @@ type Listeners struct {
 	cancel context.CancelFunc
 
 	mu     sync.Mutex
-	active map[service.Key]listener
+	active map[service.Key]*portListener
 	conns  map[*net.TCPConn]*net.TCPConn // live proxied connections: client -> backend
 	closed bool
 	wg     sync.WaitGroup // every goroutine the set started
+
+	wantedBinds map[service.Key]map[netip.AddrPort]bool // the sockets the last Sync named
 }
 
-// listener is one service port's listener, TCP or UDP.
-type listener interface {
-	// port is the node port the listener is bound to.
-	port() int
-	// update gives the listener the service port's new endpoints and
-	// affinity. It never reopens the socket.
-	update(p *service.Port)
+// Binds says where the sockets of a service port's listener go. An address
+// with port 0 means "this IP, on a port from Config.Ports": the redirect
+// frontend binds one such socket and points rules at it; the bind frontend
+// binds the Service's own addresses and ports.
+type Binds func(p *service.Port) []netip.AddrPort
+
+// portListener is one service port's listener: a balancer and the sockets
+// that feed it.
+type portListener struct {
+	set     *Listeners
+	name    service.PortName
+	proto   service.Protocol
+	bal     balancer.Balancer
+	log     logrus.FieldLogger
+	sockets map[netip.AddrPort]socket // by the address asked for
+}
+
+// socket is one bound socket of a listener, TCP or UDP.
+type socket interface {
+	// addr is the address the socket is bound to.
+	addr() netip.AddrPort
 	// close stops accepting; TCP connections already proxied keep running.
 	close()
-	balancer() *balancer.Balancer
+	// endpointsChanged is called after the balancer's endpoints changed.
+	endpointsChanged()
 }
 
 // New returns an empty set of listeners.
@@ -141,53 +161,91 @@ func New(cfg Config) (*Listeners, error) {
 		log:    cfg.log(),
 		ctx:    ctx,
 		cancel: cancel,
-		active: make(map[service.Key]listener),
+		active: make(map[service.Key]*portListener),
 		conns:  make(map[*net.TCPConn]*net.TCPConn),
 	}, nil
 }
 
-// Sync makes sure every port of s has a listener and gives each its current
-// endpoints. It returns the listener port of every service port that has
-// one. A port whose listener could not be opened is left out of the map and
-// named in the returned error; the others are served all the same.
-func (ls *Listeners) Sync(s service.Snapshot) (map[service.Key]int, error) {
+// RedirectBinds is where listeners go when iptables redirects to them: one
+// socket per service port, on Config.BindAddress and a port from
+// Config.Ports.
+func (ls *Listeners) RedirectBinds(*service.Port) []netip.AddrPort {
+	return []netip.AddrPort{netip.AddrPortFrom(ls.cfg.bindAddress(), 0)}
+}
+
+// Sync makes every port of s listen where binds says, opening the sockets
+// that are missing, and gives each listener its current endpoints. It
+// returns the addresses every service port's sockets are bound to. A socket
+// that could not be opened is left out and named in the returned error;
+// everything else is served all the same. Sockets and listeners that binds
+// no longer names keep running until CloseUnused.
+func (ls *Listeners) Sync(s service.Snapshot, binds Binds) (map[service.Key][]netip.AddrPort, error) {
 	ls.mu.Lock()
 	defer ls.mu.Unlock()
 	if ls.closed {
 		return nil, errors.New("listeners are closed")
 	}
-	ports := make(map[service.Key]int, len(s.Ports))
+	ls.wantedBinds = make(map[service.Key]map[netip.AddrPort]bool, len(s.Ports))
+	bound := make(map[service.Key][]netip.AddrPort, len(s.Ports))
 	var errs []error
 	for i := range s.Ports {
 		p := &s.Ports[i]
+		if p.Protocol != service.TCP && p.Protocol != service.UDP {
+			errs = append(errs, fmt.Errorf("%s: protocol %q is not supported by a userspace proxy", p.Key(), p.Protocol))
+			continue
+		}
 		l, ok := ls.active[p.Key()]
 		if !ok {
-			var err error
-			l, err = ls.open(p)
-			if err != nil {
-				errs = append(errs, fmt.Errorf("open listener for %s: %w", p.Key(), err))
-				continue
-			}
+			l = &portListener{set: ls, name: p.Name, proto: p.Protocol, log: ls.log.WithField("service", p.Name.String()), sockets: map[netip.AddrPort]socket{}}
 			ls.active[p.Key()] = l
 		}
-		l.update(p)
-		l.balancer().ExpirePins()
-		ports[p.Key()] = l.port()
+		l.bal.Update(p.Endpoints, p.Affinity)
+		l.bal.ExpirePins()
+		for _, sock := range l.sockets {
+			sock.endpointsChanged()
+		}
+		wanted := map[netip.AddrPort]bool{}
+		ls.wantedBinds[p.Key()] = wanted
+		for _, want := range binds(p) {
+			wanted[want] = true
+			sock, ok := l.sockets[want]
+			if !ok {
+				var err error
+				if sock, err = l.open(want); err != nil {
+					errs = append(errs, fmt.Errorf("listen for %s on %s: %w", p.Key(), want, err))
+					continue
+				}
+				l.sockets[want] = sock
+			}
+			bound[p.Key()] = append(bound[p.Key()], sock.addr())
+		}
 	}
-	return ports, errors.Join(errs...)
+	return bound, errors.Join(errs...)
 }
 
-// CloseUnused closes the listeners of service ports that s does not have.
-// Call it only after no rule points at them any more.
-func (ls *Listeners) CloseUnused(s service.Snapshot) {
+// CloseUnused closes the sockets, and the whole listeners, that the last
+// Sync did not name. Call it only after no rule or address leads to them.
+func (ls *Listeners) CloseUnused() {
 	ls.mu.Lock()
 	defer ls.mu.Unlock()
 	for k, l := range ls.active {
-		if _, ok := s.Lookup(k); !ok {
-			l.close()
-			ls.cfg.Ports.Release(l.port())
+		wanted := ls.wantedBinds[k] // nil: the whole listener goes
+		for want, sock := range l.sockets {
+			if !wanted[want] {
+				ls.closeSocket(want, sock)
+				delete(l.sockets, want)
+			}
+		}
+		if wanted == nil {
 			delete(ls.active, k)
 		}
+	}
+}
+
+func (ls *Listeners) closeSocket(want netip.AddrPort, sock socket) {
+	sock.close()
+	if want.Port() == 0 {
+		ls.cfg.Ports.Release(int(sock.addr().Port()))
 	}
 }
 
@@ -197,8 +255,9 @@ func (ls *Listeners) Close() {
 	ls.mu.Lock()
 	ls.closed = true
 	for k, l := range ls.active {
-		l.close()
-		ls.cfg.Ports.Release(l.port())
+		for want, sock := range l.sockets {
+			ls.closeSocket(want, sock)
+		}
 		delete(ls.active, k)
 	}
 	for client, backend := range ls.conns {
@@ -210,15 +269,46 @@ func (ls *Listeners) Close() {
 	ls.wg.Wait()
 }
 
-func (ls *Listeners) open(p *service.Port) (listener, error) {
-	switch p.Protocol {
-	case service.TCP:
-		return ls.openTCP(p)
-	case service.UDP:
-		return ls.openUDP(p)
-	default:
-		return nil, fmt.Errorf("protocol %q is not supported by a userspace proxy", p.Protocol)
+// open binds a socket of l at want. A port of 0 takes a port from
+// Config.Ports. The socket may bind an address the node does not have yet
+// (IP_FREEBIND): the bind frontend adds a Service's address only after its
+// listener is ready, so no packet ever arrives at an address where nothing
+// listens.
+func (l *portListener) open(want netip.AddrPort) (socket, error) {
+	var sock socket
+	bind := func(port int) (int, error) {
+		var err error
+		addr := netip.AddrPortFrom(want.Addr(), uint16(port))
+		if l.proto == service.TCP {
+			sock, err = l.listenTCP(addr)
+		} else {
+			sock, err = l.listenUDP(addr)
+		}
+		if err != nil {
+			return 0, err
+		}
+		return int(sock.addr().Port()), nil
 	}
+	var err error
+	if want.Port() == 0 {
+		_, err = l.set.cfg.Ports.Allocate(bind)
+	} else {
+		_, err = bind(int(want.Port()))
+	}
+	return sock, err
+}
+
+// listenConfig makes sockets that may bind addresses the node does not
+// have yet, with keep-alive at the kernel's timings.
+var listenConfig = net.ListenConfig{
+	KeepAliveConfig: keepAlive,
+	Control: func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		err := c.Control(func(fd uintptr) {
+			serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_FREEBIND, 1)
+		})
+		return errors.Join(err, serr)
+	},
 }
 
 // goroutine starts f as a goroutine owned by the set: Close waits for it.

@@ -8,10 +8,7 @@ import (
 	"net/netip"
 	"time"
 
-	"github.com/sirupsen/logrus"
-
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/balancer"
-	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/service"
 )
 
 // keepAlive turns TCP keep-alive on for both sockets of every proxied
@@ -22,67 +19,53 @@ import (
 // socket on the new-connection path.
 var keepAlive = net.KeepAliveConfig{Enable: true, Idle: -1, Interval: -1, Count: -1}
 
-// tcpListener accepts the connections that iptables redirects to one TCP
-// service port.
-type tcpListener struct {
-	set  *Listeners
-	name service.PortName
-	ln   *net.TCPListener
-	bal  balancer.Balancer
-	log  logrus.FieldLogger
+// tcpSocket accepts the connections for one TCP service port at one
+// address.
+type tcpSocket struct {
+	l  *portListener
+	ln *net.TCPListener
 }
 
-func (ls *Listeners) openTCP(p *service.Port) (listener, error) {
-	bind := ls.cfg.bindAddress()
-	var ln *net.TCPListener
-	_, err := ls.cfg.Ports.Allocate(func(port int) (int, error) {
-		lc := net.ListenConfig{KeepAliveConfig: keepAlive}
-		l, err := lc.Listen(context.Background(), "tcp4", netip.AddrPortFrom(bind, uint16(port)).String())
-		if err != nil {
-			return 0, err
-		}
-		ln = l.(*net.TCPListener)
-		return ln.Addr().(*net.TCPAddr).Port, nil
-	})
+func (l *portListener) listenTCP(addr netip.AddrPort) (socket, error) {
+	ln, err := listenConfig.Listen(context.Background(), "tcp4", addr.String())
 	if err != nil {
 		return nil, err
 	}
-	l := &tcpListener{set: ls, name: p.Name, ln: ln, log: ls.log.WithField("service", p.Name.String())}
-	ls.goroutine(l.serve)
-	return l, nil
+	s := &tcpSocket{l: l, ln: ln.(*net.TCPListener)}
+	l.set.goroutine(s.serve)
+	return s, nil
 }
 
-func (l *tcpListener) port() int                    { return l.ln.Addr().(*net.TCPAddr).Port }
-func (l *tcpListener) balancer() *balancer.Balancer { return &l.bal }
-func (l *tcpListener) update(p *service.Port)       { l.bal.Update(p.Endpoints, p.Affinity) }
-func (l *tcpListener) close()                       { l.ln.Close() }
+func (s *tcpSocket) addr() netip.AddrPort { return s.ln.Addr().(*net.TCPAddr).AddrPort() }
+func (s *tcpSocket) close()               { s.ln.Close() }
+func (s *tcpSocket) endpointsChanged()    {} // connections stay with their endpoint
 
 // serve is the accept loop. It never waits for a dial: each connection gets
 // a goroutine of its own at once (the legacy proxier dialed in this loop, so
 // one dead pod stalled every client of the Service for up to 3.75s).
-func (l *tcpListener) serve() {
+func (s *tcpSocket) serve() {
 	failures := 0
 	for {
-		c, err := l.ln.AcceptTCP()
+		c, err := s.ln.AcceptTCP()
 		if errors.Is(err, net.ErrClosed) {
 			return
 		}
 		if err != nil {
 			// EMFILE and friends: back off and try again instead of
 			// crashing the node's Service traffic as upstream did.
-			l.log.WithError(err).Warn("Accept failed; backing off")
+			s.l.log.WithError(err).Warn("Accept failed; backing off")
 			time.Sleep(acceptBackoff(failures))
 			failures++
 			continue
 		}
 		failures = 0
-		l.set.goroutine(func() { l.handle(c) })
+		s.l.set.goroutine(func() { s.l.handle(c) })
 	}
 }
 
 // handle proxies one accepted client connection: choose an endpoint, dial it
 // (the next endpoint on failure), then copy bytes both ways.
-func (l *tcpListener) handle(client *net.TCPConn) {
+func (l *portListener) handle(client *net.TCPConn) {
 	defer client.Close()
 
 	clientIP := client.RemoteAddr().(*net.TCPAddr).AddrPort().Addr().Unmap()
@@ -114,7 +97,7 @@ func (l *tcpListener) handle(client *net.TCPConn) {
 
 // dial tries the endpoints of choice in order, one per timeout of
 // Config.DialTimeouts, and returns the first connection that succeeds.
-func (l *tcpListener) dial(ctx context.Context, choice balancer.Choice) (*net.TCPConn, netip.AddrPort, error) {
+func (l *portListener) dial(ctx context.Context, choice balancer.Choice) (*net.TCPConn, netip.AddrPort, error) {
 	var errs []error
 	for attempt, timeout := range l.set.cfg.dialTimeouts() {
 		ep := choice.Endpoint(attempt)

@@ -1,6 +1,7 @@
 package userspace
 
 import (
+	"context"
 	"errors"
 	"net"
 	"net/netip"
@@ -13,25 +14,24 @@ import (
 	"golang.org/x/net/ipv4"
 
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/balancer"
-	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/service"
 )
 
 // maxDatagram is the largest UDP payload over IPv4. Upstream read into 4 KiB
 // buffers and silently truncated larger datagrams (kubernetes#47659).
 const maxDatagram = 64 * 1024
 
-// udpListener serves one UDP service port. UDP has no connections, so the
+// udpSocket serves one UDP service port at one address. UDP has no
+// connections, so the
 // proxy makes sessions: the first datagram from a client ip:port picks an
 // endpoint and opens a socket connected to it; later datagrams from that
 // client go the same way, and the endpoint's replies are sent back to the
 // client from the service socket. A session ends after Config.UDPTimeout
 // without traffic either way, or when its endpoint goes away.
-type udpListener struct {
-	set  *Listeners
-	name service.PortName
-	pc   *net.UDPConn
-	bal  balancer.Balancer
-	log  logrus.FieldLogger
+type udpSocket struct {
+	pc  *net.UDPConn
+	set *Listeners
+	bal *balancer.Balancer
+	log logrus.FieldLogger
 
 	mu       sync.Mutex
 	sessions map[netip.AddrPort]*udpSession
@@ -50,20 +50,12 @@ type udpSession struct {
 
 func (s *udpSession) touch() { s.last.Store(time.Now().UnixNano()) }
 
-func (ls *Listeners) openUDP(p *service.Port) (listener, error) {
-	bind := ls.cfg.bindAddress()
-	var pc *net.UDPConn
-	_, err := ls.cfg.Ports.Allocate(func(port int) (int, error) {
-		var err error
-		pc, err = net.ListenUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(bind, uint16(port))))
-		if err != nil {
-			return 0, err
-		}
-		return pc.LocalAddr().(*net.UDPAddr).Port, nil
-	})
+func (l *portListener) listenUDP(addr netip.AddrPort) (socket, error) {
+	c, err := listenConfig.ListenPacket(context.Background(), "udp4", addr.String())
 	if err != nil {
 		return nil, err
 	}
+	pc := c.(*net.UDPConn)
 	// Ask the kernel for each datagram's destination address (IP_PKTINFO),
 	// so that replies leave from the very address the client sent to. This is
 	// what makes REDIRECT right for UDP from the node itself: a redirected
@@ -75,70 +67,68 @@ func (ls *Listeners) openUDP(p *service.Port) (listener, error) {
 		pc.Close()
 		return nil, err
 	}
-	l := &udpListener{
-		set:      ls,
-		name:     p.Name,
+	s := &udpSocket{
 		pc:       pc,
-		log:      ls.log.WithField("service", p.Name.String()),
+		set:      l.set,
+		bal:      &l.bal,
+		log:      l.log,
 		sessions: make(map[netip.AddrPort]*udpSession),
 	}
-	ls.goroutine(l.serve)
-	return l, nil
+	l.set.goroutine(s.serve)
+	return s, nil
 }
 
-func (l *udpListener) port() int                    { return l.pc.LocalAddr().(*net.UDPAddr).Port }
-func (l *udpListener) balancer() *balancer.Balancer { return &l.bal }
+func (u *udpSocket) addr() netip.AddrPort { return u.pc.LocalAddr().(*net.UDPAddr).AddrPort() }
 
-// update takes the new endpoints, and ends the sessions of endpoints that are
-// gone, so that the client's next datagram picks a live one instead of being
-// sent to a pod that no longer exists.
-func (l *udpListener) update(p *service.Port) {
-	l.bal.Update(p.Endpoints, p.Affinity)
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	for client, s := range l.sessions {
-		if !l.bal.Has(s.endpoint) {
+// endpointsChanged ends the sessions of endpoints that are gone, so that the
+// client's next datagram picks a live one instead of being sent to a pod that
+// no longer exists.
+func (u *udpSocket) endpointsChanged() {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	for client, s := range u.sessions {
+		if !u.bal.Has(s.endpoint) {
 			s.backend.Close() // its reader sees the error and cleans up
-			delete(l.sessions, client)
+			delete(u.sessions, client)
 		}
 	}
 }
 
 // close closes the service socket and every session: without the service
 // socket no reply could reach a client anyway.
-func (l *udpListener) close() {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	l.closed = true
-	l.pc.Close()
-	for client, s := range l.sessions {
+func (u *udpSocket) close() {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	u.closed = true
+	u.pc.Close()
+	for client, s := range u.sessions {
 		s.backend.Close()
-		delete(l.sessions, client)
+		delete(u.sessions, client)
 	}
 }
 
-// Sessions is the number of live UDP sessions.
-func (l *udpListener) Sessions() int {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return len(l.sessions)
+// Sessions is the number of live UDP sessions of the socket.
+func (u *udpSocket) Sessions() int {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return len(u.sessions)
 }
 
 // serve reads client datagrams and forwards each through its session. A read
 // error other than the socket being closed is logged and retried with a
 // backoff: it never silently ends the service (kubernetes#13709).
-func (l *udpListener) serve() {
+func (u *udpSocket) serve() {
 	buf := make([]byte, maxDatagram)
 	oob := ipv4.NewControlMessage(ipv4.FlagDst)
 	var cm ipv4.ControlMessage
 	failures := 0
 	for {
-		n, oobn, _, client, err := l.pc.ReadMsgUDPAddrPort(buf, oob)
+		n, oobn, _, client, err := u.pc.ReadMsgUDPAddrPort(buf, oob)
 		if errors.Is(err, net.ErrClosed) {
 			return
 		}
 		if err != nil {
-			l.log.WithError(err).Warn("UDP read failed; backing off")
+			u.log.WithError(err).Warn("UDP read failed; backing off")
 			time.Sleep(acceptBackoff(failures))
 			failures++
 			continue
@@ -149,15 +139,15 @@ func (l *udpListener) serve() {
 		if cm.Parse(oob[:oobn]) == nil {
 			local, _ = netip.AddrFromSlice(cm.Dst.To4())
 		}
-		l.forward(client, local, buf[:n])
+		u.forward(client, local, buf[:n])
 	}
 }
 
 // forward sends one client datagram to the client's session, making the
 // session first if there is none or the old one has failed.
-func (l *udpListener) forward(client netip.AddrPort, local netip.Addr, b []byte) {
+func (u *udpSocket) forward(client netip.AddrPort, local netip.Addr, b []byte) {
 	for range 2 {
-		s := l.session(client, local)
+		s := u.session(client, local)
 		if s == nil {
 			return // no endpoint: the datagram is dropped, as upstream did
 		}
@@ -165,22 +155,22 @@ func (l *udpListener) forward(client netip.AddrPort, local netip.Addr, b []byte)
 		if _, err := s.backend.Write(b); err == nil {
 			return
 		}
-		l.end(s) // a broken session; the second round makes a new one
+		u.end(s) // a broken session; the second round makes a new one
 	}
 }
 
 // session returns client's session, making it if needed. Making one dials
 // no one: connecting a UDP socket only records the peer address, so it is
 // quick and safe to do in the read loop.
-func (l *udpListener) session(client netip.AddrPort, local netip.Addr) *udpSession {
-	l.mu.Lock()
-	s, ok := l.sessions[client]
-	closed := l.closed
-	l.mu.Unlock()
+func (u *udpSocket) session(client netip.AddrPort, local netip.Addr) *udpSession {
+	u.mu.Lock()
+	s, ok := u.sessions[client]
+	closed := u.closed
+	u.mu.Unlock()
 	if ok || closed {
 		return s
 	}
-	choice := l.bal.Pick(client.Addr())
+	choice := u.bal.Pick(client.Addr())
 	if choice.Len() == 0 {
 		return nil
 	}
@@ -193,45 +183,45 @@ func (l *udpListener) session(client netip.AddrPort, local netip.Addr) *udpSessi
 			backend = c
 			break
 		}
-		l.log.WithError(err).WithField("endpoint", ep).Debug("UDP connect failed; trying the next endpoint")
+		u.log.WithError(err).WithField("endpoint", ep).Debug("UDP connect failed; trying the next endpoint")
 	}
 	if backend == nil {
 		return nil
 	}
 	if ep != choice.Endpoint(0) {
-		l.bal.Connected(client.Addr(), ep)
+		u.bal.Connected(client.Addr(), ep)
 	}
 	s = &udpSession{client: client, local: local, endpoint: ep, backend: backend}
 	if local.IsValid() {
 		s.oob = (&ipv4.ControlMessage{Src: local.AsSlice()}).Marshal()
 	}
 	s.touch()
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if l.closed {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.closed {
 		backend.Close()
 		return nil
 	}
-	l.sessions[client] = s
-	l.set.goroutine(func() { l.replies(s) })
+	u.sessions[client] = s
+	u.set.goroutine(func() { u.replies(s) })
 	return s
 }
 
 // end removes s if it is still client's session, and closes it.
-func (l *udpListener) end(s *udpSession) {
-	l.mu.Lock()
-	if l.sessions[s.client] == s {
-		delete(l.sessions, s.client)
+func (u *udpSocket) end(s *udpSession) {
+	u.mu.Lock()
+	if u.sessions[s.client] == s {
+		delete(u.sessions, s.client)
 	}
-	l.mu.Unlock()
+	u.mu.Unlock()
 	s.backend.Close()
 }
 
 // replies carries the endpoint's datagrams back to the client until the
 // session has been idle for the UDP timeout or its socket is closed.
-func (l *udpListener) replies(s *udpSession) {
-	defer l.end(s)
-	timeout := l.set.cfg.udpTimeout()
+func (u *udpSocket) replies(s *udpSession) {
+	defer u.end(s)
+	timeout := u.set.cfg.udpTimeout()
 	buf := make([]byte, maxDatagram)
 	// The read deadline is moved only when it fires, not for every
 	// datagram: it costs a timer update, and most sessions are busy.
@@ -253,11 +243,11 @@ func (l *udpListener) replies(s *udpSession) {
 			return
 		}
 		s.touch()
-		if _, _, err := l.pc.WriteMsgUDPAddrPort(buf[:n], s.oob, s.client); err != nil {
+		if _, _, err := u.pc.WriteMsgUDPAddrPort(buf[:n], s.oob, s.client); err != nil {
 			if errors.Is(err, net.ErrClosed) {
 				return
 			}
-			l.log.WithError(err).WithField("client", s.client).Debug("UDP reply not delivered")
+			u.log.WithError(err).WithField("client", s.client).Debug("UDP reply not delivered")
 		}
 	}
 }

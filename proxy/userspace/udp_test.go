@@ -72,11 +72,19 @@ func dialUDP(t *testing.T, addr string) net.Conn {
 	return c
 }
 
+// udpSessions counts the sessions of every socket of k's listener.
 func udpSessions(ls *Listeners, k service.Key) int {
 	ls.mu.Lock()
-	l := ls.active[k]
+	var socks []socket
+	for _, sock := range ls.active[k].sockets {
+		socks = append(socks, sock)
+	}
 	ls.mu.Unlock()
-	return l.(*udpListener).Sessions()
+	n := 0
+	for _, sock := range socks {
+		n += sock.(*udpSocket).Sessions()
+	}
+	return n
 }
 
 // waitSessions waits up to 5s for the session count to become want.

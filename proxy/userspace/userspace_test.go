@@ -53,15 +53,15 @@ func tcpPort(eps ...netip.AddrPort) service.Port {
 // listen applies s and returns the listener address of key on loopback.
 func listen(t *testing.T, ls *Listeners, s service.Snapshot, key service.Key) string {
 	t.Helper()
-	ports, err := ls.Sync(s)
+	bound, err := ls.Sync(s, ls.RedirectBinds)
 	if err != nil {
 		t.Fatal(err)
 	}
-	p, ok := ports[key]
+	addrs, ok := bound[key]
 	if !ok {
 		t.Fatalf("no listener for %s", key)
 	}
-	return fmt.Sprintf("127.0.0.1:%d", p)
+	return fmt.Sprintf("127.0.0.1:%d", addrs[0].Port())
 }
 
 // backend is a TCP server on loopback that runs handle for each connection.
@@ -346,10 +346,10 @@ func TestRemovedServiceKeepsEstablishedConnections(t *testing.T) {
 		t.Fatalf("echo before removal = %q, %v", got, err)
 	}
 	empty := snap(t)
-	if _, err := ls.Sync(empty); err != nil {
+	if _, err := ls.Sync(empty, ls.RedirectBinds); err != nil {
 		t.Fatal(err)
 	}
-	ls.CloseUnused(empty)
+	ls.CloseUnused()
 	if got, err := roundTrip("after"); err != nil || got != "after" {
 		t.Errorf("echo on the established connection after removal = %q, %v; want it still working", got, err)
 	}

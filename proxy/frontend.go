@@ -1,0 +1,242 @@
+package proxy
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"strings"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/iptables"
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/localaddr"
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/service"
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/userspace"
+)
+
+// Modes: how Service traffic reaches our listeners (--mode).
+const (
+	// ModeRedirect: iptables nat rules redirect each Service address to a
+	// listener on a port of its own. The default; the legacy userspace mode.
+	ModeRedirect = "redirect"
+	// ModeBind: no netfilter at all. Service addresses become addresses of
+	// the node and the listeners bind them directly.
+	ModeBind = "bind"
+	// ModeAuto: redirect when the kernel can NAT, else bind.
+	ModeAuto = "auto"
+)
+
+// A frontend is how Service traffic reaches our listeners: the one part that
+// differs between modes. Everything else (sources, snapshots, listeners,
+// balancing, splicing) is shared.
+type frontend interface {
+	// mode is the mode's name, for logs and /proxyMode.
+	mode() string
+	// binds says where each service port's listener sockets go.
+	binds(p *service.Port) []netip.AddrPort
+	// point makes the Service addresses of s lead to the sockets that Sync
+	// bound. It is called after the sockets are open and before unwanted
+	// ones are closed.
+	point(s service.Snapshot, bound map[service.Key][]netip.AddrPort) error
+}
+
+// redirectFrontend points Service addresses at listeners with iptables.
+type redirectFrontend struct {
+	log       logrus.FieldLogger
+	table     *iptables.Table
+	listeners *userspace.Listeners
+}
+
+func (f *redirectFrontend) mode() string { return ModeRedirect }
+
+func (f *redirectFrontend) binds(p *service.Port) []netip.AddrPort {
+	return f.listeners.RedirectBinds(p)
+}
+
+func (f *redirectFrontend) point(s service.Snapshot, bound map[service.Key][]netip.AddrPort) error {
+	ports := make(map[service.Key]int, len(bound))
+	for k, addrs := range bound {
+		ports[k] = int(addrs[0].Port())
+	}
+	rs, conflicts := redirects(s, ports)
+	for _, c := range conflicts {
+		f.log.WithError(c).Error("Service address not served")
+	}
+	return f.table.Sync(rs)
+}
+
+// redirects lists the rules for s. An address:port that two service ports
+// claim is given to the first in key order; the other is reported.
+func redirects(s service.Snapshot, ports map[service.Key]int) ([]iptables.Redirect, []error) {
+	var rs []iptables.Redirect
+	var errs []error
+	owner := map[string]service.Key{}
+	add := func(p *service.Port, kind iptables.Kind, ip netip.Addr, port uint16, listener int) {
+		proto := strings.ToLower(string(p.Protocol))
+		claim := fmt.Sprintf("%s:%d/%s", ip, port, proto)
+		if kind == iptables.NodePort {
+			claim = fmt.Sprintf("nodePort %d/%s", port, proto)
+		}
+		if other, ok := owner[claim]; ok && other != p.Key() {
+			errs = append(errs, fmt.Errorf("%s of %s is already served for %s", claim, p.Name, other.Name))
+			return
+		}
+		owner[claim] = p.Key()
+		rs = append(rs, iptables.Redirect{Kind: kind, IP: ip, Port: port, Protocol: proto, ToPort: uint16(listener), Comment: p.Name.String()})
+	}
+	for i := range s.Ports {
+		p := &s.Ports[i]
+		listener, ok := ports[p.Key()]
+		if !ok {
+			continue
+		}
+		add(p, iptables.ClusterIP, p.ClusterIP, p.Port, listener)
+		for _, ip := range p.ExternalIPs {
+			add(p, iptables.ExternalIP, ip, p.Port, listener)
+		}
+		for _, ip := range p.LoadBalancerIPs {
+			add(p, iptables.LoadBalancerIP, ip, p.Port, listener)
+		}
+		if p.NodePort != 0 {
+			add(p, iptables.NodePort, netip.Addr{}, p.NodePort, listener)
+		}
+	}
+	return rs, errs
+}
+
+// bindFrontend makes Service addresses local and binds listeners to them.
+type bindFrontend struct {
+	log    logrus.FieldLogger
+	device *localaddr.Device
+	// nodePortAddresses selects the node addresses NodePorts are served
+	// on; empty means all of them (a wildcard socket).
+	nodePortAddresses []netip.Prefix
+}
+
+func (f *bindFrontend) mode() string { return ModeBind }
+
+// binds is every address the Service port is reached at: its ClusterIP,
+// external and load-balancer IPs on the Service port, and the node's
+// addresses on the NodePort.
+func (f *bindFrontend) binds(p *service.Port) []netip.AddrPort {
+	var out []netip.AddrPort
+	for _, ip := range serviceIPs(p) {
+		out = append(out, netip.AddrPortFrom(ip, p.Port))
+	}
+	if p.NodePort != 0 {
+		if len(f.nodePortAddresses) == 0 {
+			out = append(out, netip.AddrPortFrom(netip.IPv4Unspecified(), p.NodePort))
+		} else {
+			addrs, err := localaddr.NodeAddresses(f.nodePortAddresses)
+			if err != nil {
+				f.log.WithError(err).Error("NodePort not served")
+			}
+			for _, ip := range addrs {
+				out = append(out, netip.AddrPortFrom(ip, p.NodePort))
+			}
+		}
+	}
+	return out
+}
+
+// serviceIPs are the addresses of p that bind mode makes local.
+func serviceIPs(p *service.Port) []netip.Addr {
+	ips := append([]netip.Addr{p.ClusterIP}, p.ExternalIPs...)
+	return append(ips, p.LoadBalancerIPs...)
+}
+
+// point adds the addresses of every service port that has a socket, and
+// removes ours that no Service uses any more. The sockets were bound before
+// the addresses existed (IP_FREEBIND), so traffic finds them listening.
+func (f *bindFrontend) point(s service.Snapshot, bound map[service.Key][]netip.AddrPort) error {
+	var want []netip.Addr
+	for i := range s.Ports {
+		p := &s.Ports[i]
+		if len(bound[p.Key()]) == 0 {
+			continue
+		}
+		want = append(want, serviceIPs(p)...)
+	}
+	return f.device.Sync(dedupe(want))
+}
+
+func dedupe(ips []netip.Addr) []netip.Addr {
+	seen := map[netip.Addr]bool{}
+	var out []netip.Addr
+	for _, ip := range ips {
+		if !seen[ip] {
+			seen[ip] = true
+			out = append(out, ip)
+		}
+	}
+	return out
+}
+
+// newFrontend makes the frontend for mode. For auto, creating our nat chains
+// is the probe: if the kernel or iptables cannot, bind mode is used, and one
+// log line says why.
+func newFrontend(cfg *Config, log logrus.FieldLogger, listeners *userspace.Listeners) (frontend, error) {
+	mode := cfg.Mode
+	if mode == "" {
+		mode = ModeRedirect
+	}
+	switch mode {
+	case ModeRedirect:
+		f, err := newRedirect(cfg, log, listeners)
+		if err != nil {
+			return nil, err
+		}
+		log.WithField("iptablesBackend", f.table.Backend()).Info("Mode redirect: iptables sends Service traffic to our listeners")
+		return f, nil
+	case ModeBind:
+		f, err := newBind(cfg, log)
+		if err != nil {
+			return nil, err
+		}
+		log.WithField("device", f.device.Name()).Info("Mode bind: Service addresses are local to the node; no netfilter rules")
+		return f, nil
+	case ModeAuto:
+		f, err := newRedirect(cfg, log, listeners)
+		if err == nil {
+			err = f.table.Sync(nil) // the probe: our nat chains and jumps
+		}
+		if err == nil {
+			log.WithField("iptablesBackend", f.table.Backend()).Info("Mode auto chose redirect: the kernel can NAT")
+			return f, nil
+		}
+		b, berr := newBind(cfg, log)
+		if berr != nil {
+			return nil, fmt.Errorf("mode auto: redirect failed (%v) and bind failed: %w", err, berr)
+		}
+		log.WithError(err).WithField("device", b.device.Name()).Warn("Mode auto chose bind: the kernel cannot NAT (creating our nat chain failed)")
+		return b, nil
+	default:
+		return nil, fmt.Errorf("--mode %q: want redirect, bind or auto", mode)
+	}
+}
+
+func newRedirect(cfg *Config, log logrus.FieldLogger, listeners *userspace.Listeners) (*redirectFrontend, error) {
+	backend := cfg.Backend
+	if backend == "" {
+		var err error
+		if backend, err = iptables.DetectBackend(); err != nil {
+			return nil, err
+		}
+	}
+	table, err := iptables.New(backend, cfg.Listeners.BindAddress)
+	if err != nil {
+		return nil, err
+	}
+	return &redirectFrontend{log: log, table: table, listeners: listeners}, nil
+}
+
+func newBind(cfg *Config, log logrus.FieldLogger) (*bindFrontend, error) {
+	if a := cfg.Listeners.BindAddress; a.IsValid() && !a.IsUnspecified() {
+		return nil, errors.New("--bind-address applies to redirect mode only: in bind mode listeners bind the Service addresses themselves")
+	}
+	device, err := localaddr.Open()
+	if err != nil {
+		return nil, fmt.Errorf("bind mode: %w", err)
+	}
+	return &bindFrontend{log: log, device: device, nodePortAddresses: cfg.NodePortAddresses}, nil
+}
