@@ -60,6 +60,8 @@ func TestFrontends(t *testing.T) {
 	}{
 		{"redirect", nil, "-j REDIRECT --to-ports"},
 		{"dnat to --bind-address", []string{"--bind-address", lab.NodeIP.String()}, "-j DNAT --to-destination " + lab.NodeIP.String() + ":"},
+		// Bind mode, NodePorts only on the node's address towards ext.
+		{"bind", []string{"--mode", "bind", "--nodeport-addresses", "10.200.0.0/24"}, ""},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			ctx := context.Background()
@@ -90,7 +92,9 @@ func TestFrontends(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if !strings.Contains(rules, tt.rule) {
+			if tt.rule == "" {
+				noNetfilter(t, l)
+			} else if !strings.Contains(rules, tt.rule) {
 				t.Errorf("rules lack %q:\n%s", tt.rule, rules)
 			}
 
@@ -113,6 +117,13 @@ func TestFrontends(t *testing.T) {
 				}
 				if failures != 0 || len(tally) != 1 {
 					t.Errorf("10 requests from %s to %s: %v, %d failures; want all from one pod (ClientIP affinity)", c.from.Name, c.url, tally, failures)
+				}
+			}
+			if tt.name == "bind" {
+				// --nodeport-addresses 10.200.0.0/24: not on the pods' side.
+				const url = "http://10.244.1.1:30081/"
+				if got, err := l.Pods[0].Curl(ctx, url); err == nil {
+					t.Errorf("curl %s from a pod = %q; want refused (outside --nodeport-addresses)", url, got)
 				}
 			}
 			for _, ns := range []*lab.NS{l.Node, l.Ext} {

@@ -16,10 +16,28 @@ import (
 // TestServiceStory tells the story of svc-test-1 against the real binary:
 // a pod and the node reach the ClusterIP, the Service scales, loses a pod,
 // moves to v2 by a selector change, is reached through its NodePort, and
-// leaves nothing behind after --cleanup.
+// leaves nothing behind after --cleanup. It is told twice: in redirect mode
+// (iptables rules) and in bind mode, where after every step the node must
+// have no netfilter rule or chain at all.
 func TestServiceStory(t *testing.T) {
+	for _, mode := range []string{"redirect", "bind"} {
+		t.Run(mode, func(t *testing.T) { serviceStory(t, mode) })
+	}
+}
+
+func serviceStory(t *testing.T, mode string) {
 	ctx := context.Background()
 	l := newLab(t)
+	// check runs after every step: in bind mode, no netfilter anywhere.
+	check := func(t *testing.T) {
+		t.Helper()
+		if mode == "bind" {
+			noNetfilter(t, l)
+			if addrs := ourAddresses(t, l); !strings.Contains(addrs, lab.ClusterIP.String()+"/32") {
+				t.Errorf("bind mode: the ClusterIP is not among our addresses:\n%s", addrs)
+			}
+		}
+	}
 	client, err := l.AddPod("client", lab.ClientPod)
 	if err != nil {
 		t.Fatal(err)
@@ -45,7 +63,7 @@ func TestServiceStory(t *testing.T) {
 	if err := story.Write(manifest); err != nil {
 		t.Fatal(err)
 	}
-	proxy, err := l.StartProxy(tools, manifest)
+	proxy, err := l.StartProxy(tools, manifest, "--mode", mode)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -74,6 +92,7 @@ func TestServiceStory(t *testing.T) {
 		if want := "This is Web Server 1 running on 8080!"; err != nil || got != want {
 			t.Fatalf("curl %s from a pod = %q, %v; want %q", clusterURL, got, err, want)
 		}
+		check(t)
 	})
 
 	t.Run("2 the node reaches the ClusterIP over TCP and UDP", func(t *testing.T) {
@@ -91,6 +110,7 @@ func TestServiceStory(t *testing.T) {
 				t.Errorf("UDP %d bytes to %s from a pod = %q, %v; want %q", size, udpAddr, got, err, want)
 			}
 		}
+		check(t)
 	})
 
 	t.Run("3 scale to 3 pods: round robin splits 300 connections evenly", func(t *testing.T) {
@@ -109,6 +129,7 @@ func TestServiceStory(t *testing.T) {
 		if failures != 0 || !equalTally(tally, want) {
 			t.Fatalf("300 requests: %v with %d failures; want %v", tally, failures, want)
 		}
+		check(t)
 	})
 
 	t.Run("6 one of 3 backends dies: failover, no failed request", func(t *testing.T) {
@@ -129,6 +150,7 @@ func TestServiceStory(t *testing.T) {
 		// Now the kubelet would mark it not ready; the story drops it.
 		story.Pods = story.Pods[:2]
 		apply()
+		check(t)
 	})
 
 	t.Run("4 a v2 pod on 9090 joins: both versions answer", func(t *testing.T) {
@@ -142,6 +164,7 @@ func TestServiceStory(t *testing.T) {
 		if failures != 0 || tally[v2] != 10 || tally["This is Web Server 1 running on 8080!"] != 10 {
 			t.Fatalf("30 requests: %v with %d failures; want 10 each from servers 1, 2 and the v2 server", tally, failures)
 		}
+		check(t)
 	})
 
 	t.Run("5 selector moves to version=v2: within 2s only 9090 answers", func(t *testing.T) {
@@ -159,6 +182,7 @@ func TestServiceStory(t *testing.T) {
 		if failures != 0 || tally[v2] != 20 {
 			t.Fatalf("20 requests after the selector change: %v with %d failures; want all from %q", tally, failures, v2)
 		}
+		check(t)
 	})
 
 	t.Run("7 NodePort from another host", func(t *testing.T) {
@@ -171,9 +195,10 @@ func TestServiceStory(t *testing.T) {
 		if !strings.HasSuffix(got, "running on 9090!") || err != nil {
 			t.Errorf("curl %s from the node = %q, %v; want the v2 server", url, got, err)
 		}
+		check(t)
 	})
 
-	t.Run("8 SIGTERM, then --cleanup leaves none of our chains", func(t *testing.T) {
+	t.Run("8 SIGTERM, then --cleanup leaves none of our chains or addresses", func(t *testing.T) {
 		if err := proxy.Signal(syscall.SIGTERM); err != nil {
 			t.Fatalf("proxy exit after SIGTERM: %v", err)
 		}
@@ -191,6 +216,9 @@ func TestServiceStory(t *testing.T) {
 				t.Errorf("%s after --cleanup still shows our chains:\n%s", save, out)
 			}
 		}
+		if addrs := ourAddresses(t, l); addrs != "" {
+			t.Errorf("our Service addresses survived --cleanup:\n%s", addrs)
+		}
 	})
 }
 
@@ -204,4 +232,39 @@ func equalTally(got, want map[string]int) bool {
 		}
 	}
 	return true
+}
+
+// noNetfilter fails t if the node has any iptables (legacy or nft) or
+// nftables rule or chain.
+func noNetfilter(t *testing.T, l *lab.Lab) {
+	t.Helper()
+	for _, cmd := range [][]string{{"iptables-legacy-save"}, {"iptables-nft-save"}, {"nft", "list", "ruleset"}} {
+		out, err := l.Node.Run(context.Background(), cmd[0], cmd[1:]...)
+		if err != nil {
+			t.Errorf("%s: %v", cmd, err)
+			continue
+		}
+		for line := range strings.Lines(string(out)) {
+			if line = strings.TrimSpace(line); line != "" && !strings.HasPrefix(line, "#") {
+				t.Errorf("%s in bind mode shows netfilter state:\n%s", strings.Join(cmd, " "), out)
+				break
+			}
+		}
+	}
+}
+
+// ourAddresses lists the node's addresses that carry our label.
+func ourAddresses(t *testing.T, l *lab.Lab) string {
+	t.Helper()
+	out, err := l.Node.Run(context.Background(), "ip", "-4", "-o", "addr", "show")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ours []string
+	for line := range strings.Lines(string(out)) {
+		if strings.Contains(line, ":kup") {
+			ours = append(ours, strings.TrimSpace(line))
+		}
+	}
+	return strings.Join(ours, "\n")
 }

@@ -364,3 +364,51 @@ func TestLoopbackBindRefused(t *testing.T) {
 		t.Errorf("New with bind 127.0.0.1: %v, want ErrLoopbackBind", err)
 	}
 }
+
+// TestSocketsFollowBinds: a listener serves every address binds names,
+// one socket each feeding the same balancer; an address binds stops naming
+// is closed by CloseUnused, and only then.
+func TestSocketsFollowBinds(t *testing.T) {
+	ls := newSet(t, Config{})
+	p := tcpPort(backend(t, named("pod")))
+	two := func(*service.Port) []netip.AddrPort {
+		return []netip.AddrPort{netip.MustParseAddrPort("127.0.0.2:0"), netip.MustParseAddrPort("127.0.0.3:0")}
+	}
+	one := func(*service.Port) []netip.AddrPort { return two(nil)[:1] }
+	s := snap(t, p)
+	bound, err := ls.Sync(s, two)
+	if err != nil {
+		t.Fatal(err)
+	}
+	addrs := bound[p.Key()]
+	if len(addrs) != 2 {
+		t.Fatalf("bound = %v, want two sockets", addrs)
+	}
+	fetch := func(a netip.AddrPort) (string, error) {
+		c, err := net.DialTimeout("tcp", a.String(), time.Second)
+		if err != nil {
+			return "", err
+		}
+		defer c.Close()
+		b, err := io.ReadAll(c)
+		return string(b), err
+	}
+	for _, a := range addrs {
+		if got, err := fetch(a); err != nil || got != "pod" {
+			t.Errorf("through %s: %q, %v", a, got, err)
+		}
+	}
+	if _, err := ls.Sync(s, one); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := fetch(addrs[1]); err != nil || got != "pod" {
+		t.Errorf("before CloseUnused the dropped socket %s must still serve: %q, %v", addrs[1], got, err)
+	}
+	ls.CloseUnused()
+	if _, err := fetch(addrs[1]); err == nil {
+		t.Errorf("after CloseUnused %s still accepts", addrs[1])
+	}
+	if got, err := fetch(addrs[0]); err != nil || got != "pod" {
+		t.Errorf("the kept socket %s: %q, %v", addrs[0], got, err)
+	}
+}

@@ -1,0 +1,160 @@
+package integration
+
+import (
+	"context"
+	"fmt"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/integration/lab"
+)
+
+// TestBindModeReconcile: in bind mode the proxy's addresses survive a crash
+// correctly. An address somebody else put in the service range is never
+// touched; a stale address of ours (left by a crash) is removed; after kill
+// -9 and a restart the addresses are reconciled, not duplicated, and traffic
+// is back within 2s; --cleanup removes ours and only ours.
+func TestBindModeReconcile(t *testing.T) {
+	ctx := context.Background()
+	l := newLab(t)
+	client, err := l.AddPod("client", lab.ClientPod)
+	if err != nil {
+		t.Fatal(err)
+	}
+	story := lab.FirstStory()
+	for _, w := range story.Pods {
+		if _, err := l.AddWeb(tools, w); err != nil {
+			t.Fatal(err)
+		}
+	}
+	manifest := filepath.Join(t.TempDir(), "lab.yaml")
+	if err := story.Write(manifest); err != nil {
+		t.Fatal(err)
+	}
+	const foreign, stale = "10.96.0.99/32", "10.96.0.77/32"
+	for _, args := range [][]string{
+		{"addr", "add", foreign, "dev", "lo"},                  // an administrator's
+		{"addr", "add", stale, "dev", "lo", "label", "lo:kup"}, // ours, from a crashed run
+	} {
+		if _, err := l.Node.Run(ctx, "ip", args...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	loAddrs := func() string {
+		out, err := l.Node.Run(ctx, "ip", "-4", "-o", "addr", "show", "dev", "lo")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return string(out)
+	}
+	url := fmt.Sprintf("http://%s/", lab.ClusterIP)
+
+	proxy, err := l.StartProxy(tools, manifest, "--mode", "bind")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addrs := loAddrs()
+	if !strings.Contains(addrs, foreign) || strings.Contains(addrs, stale) || strings.Count(addrs, lab.ClusterIP.String()+"/32") != 1 {
+		t.Fatalf("after start, lo has:\n%s\nwant %s kept, %s removed, %s once", addrs, foreign, stale, lab.ClusterIP)
+	}
+	if got, err := client.Curl(ctx, url); err != nil || !strings.HasPrefix(got, "This is Web Server 1") {
+		t.Fatalf("curl %s = %q, %v", url, got, err)
+	}
+
+	// A crash: no chance to clean anything up.
+	if err := proxy.Signal(syscall.SIGKILL); err == nil {
+		t.Log("proxy exited cleanly on SIGKILL?")
+	}
+	restarted := time.Now()
+	if _, err := l.StartProxy(tools, manifest, "--mode", "bind"); err != nil {
+		t.Fatal(err)
+	}
+	var got string
+	for time.Since(restarted) < 2*time.Second {
+		if got, err = client.Curl(ctx, url); err == nil {
+			break
+		}
+	}
+	if err != nil || !strings.HasPrefix(got, "This is Web Server 1") {
+		t.Fatalf("2s after the restart, curl %s = %q, %v", url, got, err)
+	}
+	t.Logf("traffic back %s after the restart", time.Since(restarted).Round(time.Millisecond))
+	addrs = loAddrs()
+	if n := strings.Count(addrs, lab.ClusterIP.String()+"/32"); n != 1 || !strings.Contains(addrs, foreign) {
+		t.Errorf("after the restart lo has:\n%s\nwant %s once and %s kept", addrs, lab.ClusterIP, foreign)
+	}
+
+	if out, err := l.Node.Run(ctx, tools.Proxy, "--cleanup"); err != nil {
+		t.Fatalf("--cleanup: %v\n%s", err, out)
+	}
+	addrs = loAddrs()
+	if strings.Contains(addrs, lab.ClusterIP.String()) || !strings.Contains(addrs, foreign) {
+		t.Errorf("after --cleanup lo has:\n%s\nwant ours gone and %s kept", addrs, foreign)
+	}
+}
+
+// TestAutoModeChoosesRedirectWhenNATWorks: the lab's kernel can NAT, so
+// auto mode must say so and behave as redirect mode.
+func TestAutoModeChoosesRedirectWhenNATWorks(t *testing.T) {
+	ctx := context.Background()
+	l := newLab(t)
+	story := lab.FirstStory()
+	for _, w := range story.Pods {
+		if _, err := l.AddWeb(tools, w); err != nil {
+			t.Fatal(err)
+		}
+	}
+	manifest := filepath.Join(t.TempDir(), "lab.yaml")
+	if err := story.Write(manifest); err != nil {
+		t.Fatal(err)
+	}
+	proxy, err := l.StartProxy(tools, manifest, "--mode", "auto")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := proxy.WaitFor(0, time.Second, lab.LogMessage("Mode auto chose redirect: the kernel can NAT")); err != nil {
+		t.Error(err)
+	}
+	if got, err := l.Node.Curl(ctx, fmt.Sprintf("http://%s/", lab.ClusterIP)); err != nil || !strings.HasPrefix(got, "This is Web Server 1") {
+		t.Errorf("curl from the node = %q, %v", got, err)
+	}
+}
+
+// TestAutoModeFallsBackToBind: where iptables cannot be used (here: no
+// iptables program on the proxy's PATH, as on a node without it), auto mode
+// says why and serves in bind mode, touching no netfilter.
+func TestAutoModeFallsBackToBind(t *testing.T) {
+	ctx := context.Background()
+	l := newLab(t)
+	client, err := l.AddPod("client", lab.ClientPod)
+	if err != nil {
+		t.Fatal(err)
+	}
+	story := lab.FirstStory()
+	for _, w := range story.Pods {
+		if _, err := l.AddWeb(tools, w); err != nil {
+			t.Fatal(err)
+		}
+	}
+	manifest := filepath.Join(t.TempDir(), "lab.yaml")
+	if err := story.Write(manifest); err != nil {
+		t.Fatal(err)
+	}
+	proxy, err := l.Start(l.Node, "env", "PATH=/nonexistent", tools.Proxy, "--manifests", manifest, "--mode", "auto", "--log-format", "json", "-v", "3")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := proxy.WaitFor(0, 10*time.Second, lab.LogMessage("Mode auto chose bind: the kernel cannot NAT (creating our nat chain failed)")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := proxy.WaitFor(0, 10*time.Second, lab.LogMessage("Synced")); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := client.Curl(ctx, fmt.Sprintf("http://%s/", lab.ClusterIP)); err != nil || !strings.HasPrefix(got, "This is Web Server 1") {
+		t.Errorf("curl from a pod = %q, %v", got, err)
+	}
+	noNetfilter(t, l)
+}
