@@ -121,6 +121,9 @@ func TestAutoModeChoosesRedirectWhenNATWorks(t *testing.T) {
 	if got, err := l.Node.Curl(ctx, fmt.Sprintf("http://%s/", lab.ClusterIP)); err != nil || !strings.HasPrefix(got, "This is Web Server 1") {
 		t.Errorf("curl from the node = %q, %v", got, err)
 	}
+	if got, err := l.Node.Curl(ctx, "http://127.0.0.1:10249/proxyMode"); err != nil || got != "userspace" {
+		t.Errorf("/proxyMode = %q, %v; want userspace", got, err)
+	}
 }
 
 // TestAutoModeFallsBackToBind: where iptables cannot be used (here: no
@@ -157,4 +160,7 @@ func TestAutoModeFallsBackToBind(t *testing.T) {
 		t.Errorf("curl from a pod = %q, %v", got, err)
 	}
 	noNetfilter(t, l)
+	if got, err := l.Node.Curl(ctx, "http://127.0.0.1:10249/proxyMode"); err != nil || got != "bind" {
+		t.Errorf("/proxyMode = %q, %v; want bind", got, err)
+	}
 }

@@ -58,6 +58,10 @@ type Config struct {
 	// stale affinity pins. Zero means 30s (kube-proxy's
 	// --iptables-sync-period).
 	SyncPeriod time.Duration
+	// MetricsBindAddress is where /proxyMode is served
+	// (--metrics-bind-address, kube-proxy's 127.0.0.1:10249); empty means
+	// nowhere.
+	MetricsBindAddress string
 	// Log is where the proxy logs. Nil means logrus' standard logger.
 	Log logrus.FieldLogger
 }
@@ -118,6 +122,9 @@ func Run(ctx context.Context, cfg Config) error {
 		p.loop(ctx, snaps, cfg.syncPeriod())
 		return nil
 	})
+	if cfg.MetricsBindAddress != "" {
+		g.Go(func() error { return serveStatus(ctx, cfg.MetricsBindAddress, front.mode(), log) })
+	}
 	err = g.Wait()
 	log.Info("Stopped; rules and addresses stay in place until the next start or --cleanup")
 	return err

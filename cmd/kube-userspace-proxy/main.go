@@ -15,6 +15,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"os/signal"
@@ -43,6 +44,7 @@ type options struct {
 	syncPeriod       time.Duration
 	iptablesBackend  string
 	mode             string
+	metricsAddr      string
 	nodePortAddrs    []string
 	hostnameOverride string
 	cleanup          bool
@@ -94,6 +96,7 @@ and carries each connection to one of the Service's pods, round robin.`,
 	f.DurationVar(&o.syncPeriod, "iptables-sync-period", 30*time.Second, "how often everything is applied again even without a change, putting back rules someone else deleted")
 	f.StringVar(&o.mode, "mode", proxy.ModeRedirect, "how Service traffic reaches the listeners: redirect (iptables REDIRECT), bind (Service IPs made local, no netfilter at all), or auto (redirect if the kernel can NAT, else bind)")
 	f.StringSliceVar(&o.nodePortAddrs, "nodeport-addresses", nil, "in bind mode, CIDRs selecting the node addresses NodePorts are served on (default: all)")
+	f.StringVar(&o.metricsAddr, "metrics-bind-address", "127.0.0.1:10249", "where /proxyMode is served (host:port; empty for nowhere)")
 	f.StringVar(&o.iptablesBackend, "iptables-backend", "auto", "iptables backend: legacy, nft, or auto (the one the node already uses)")
 	f.StringVar(&o.hostnameOverride, "hostname-override", "", "this node's name, for internalTrafficPolicy Local; default the lower-cased hostname")
 	f.BoolVar(&o.cleanup, "cleanup", false, "remove our iptables chains and rules from every backend, then exit")
@@ -176,6 +179,11 @@ func (o *options) config(log logrus.FieldLogger) (proxy.Config, error) {
 		}
 		nodePortAddrs = append(nodePortAddrs, p.Masked())
 	}
+	if o.metricsAddr != "" {
+		if _, _, err := net.SplitHostPort(o.metricsAddr); err != nil {
+			errs = append(errs, fmt.Errorf("--metrics-bind-address %q: want host:port, such as 127.0.0.1:10249", o.metricsAddr))
+		}
+	}
 	if o.manifests == "" {
 		errs = append(errs, errors.New("--manifests: required (a file or directory of Services, EndpointSlices and Pods)"))
 	}
@@ -198,12 +206,13 @@ func (o *options) config(log logrus.FieldLogger) (proxy.Config, error) {
 			UDPTimeout:  o.udpTimeout,
 			Log:         log,
 		},
-		Mode:              o.mode,
-		Backend:           backend,
-		NodePortAddresses: nodePortAddrs,
-		NodeName:          nodeName,
-		SyncPeriod: o.syncPeriod,
-		Log:        log,
+		Mode:               o.mode,
+		MetricsBindAddress: o.metricsAddr,
+		Backend:            backend,
+		NodePortAddresses:  nodePortAddrs,
+		NodeName:           nodeName,
+		SyncPeriod:         o.syncPeriod,
+		Log:                log,
 	}, nil
 }
 

@@ -1,0 +1,44 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/sirupsen/logrus"
+)
+
+// ProxyModeName is what /proxyMode answers for each mode. kube-proxy answers
+// its mode's name there ("iptables", "ipvs"); the legacy userspace mode
+// answered "userspace", which our redirect mode is.
+func ProxyModeName(mode string) string {
+	if mode == ModeRedirect {
+		return "userspace"
+	}
+	return mode
+}
+
+// serveStatus serves kube-proxy's /proxyMode on addr until ctx is done.
+func serveStatus(ctx context.Context, addr, mode string, log logrus.FieldLogger) error {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("--metrics-bind-address %s: %w", addr, err)
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("/proxyMode", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		io.WriteString(w, ProxyModeName(mode))
+	})
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	stop := context.AfterFunc(ctx, func() { srv.Close() })
+	defer stop()
+	log.WithField("address", ln.Addr().String()).Info("Serving /proxyMode")
+	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}
