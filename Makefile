@@ -4,6 +4,7 @@
 #   make demo    the Service story, told by its own output (start here)
 #   make test    vet, format check, and every test (unit, real iptables, lab)
 #   make bench   loopback benchmarks: our proxy against a direct connection
+#   make bench-modes  redirect mode against bind mode in the lab, with wrk
 #   make build   the binaries, into bin/
 
 SHELL := /bin/bash
@@ -17,7 +18,7 @@ LDFLAGS := -X main.version=$(VERSION)
 DEB_PACKAGES := iptables iproute2 curl nftables
 BENCH_PACKAGES := iperf3 wrk haproxy socat
 
-.PHONY: all build test demo bench deps bench-deps netbench clean
+.PHONY: all build test demo bench bench-modes deps bench-deps netbench clean
 
 all: build
 
@@ -50,6 +51,11 @@ bench-deps: deps
 # compare the "proxy" and "direct" lines of each benchmark (docs/performance.md).
 bench: deps
 	$(GO) test -run '^$$' -bench . -benchtime 2s -count 3 ./proxy/userspace/
+
+# bench-modes: redirect mode against bind mode (and a direct connection) in
+# one lab and one run, with wrk.
+bench-modes: bench-deps build
+	./bin/kup-lab bench-modes
 
 # netbench: the shared network benchmark harness, with our binary as the
 # proxy under test beside the Go yardstick (needs ../shared/bench).
