@@ -37,6 +37,7 @@ test: deps
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
 	$(GO) test -race -count=1 ./...
+	$(GO) test -run '^$$' -fuzz FuzzAnswer -fuzztime 30s ./dnsstub/
 
 demo: deps build
 	./bin/kup-lab demo

@@ -110,9 +110,50 @@ type Port struct {
 func (p Port) Key() Key { return Key{Name: p.Name, Protocol: p.Protocol} }
 
 // Snapshot is the whole desired state of the node at one moment: every
-// proxied service port, sorted by Key. Build it with NewSnapshot.
+// proxied service port, sorted by Key, and every Service as DNS publishes
+// it. Build it with NewSnapshot.
 type Snapshot struct {
 	Ports []Port
+	// Services is the DNS view: every Service, headless and ExternalName
+	// ones too (they have no port to proxy, but names to answer).
+	Services []Service
+}
+
+// Service is one Service as DNS sees it (the Kubernetes DNS-Based Service
+// Discovery specification).
+type Service struct {
+	Namespace, Name string
+	// ClusterIPs are the virtual IPs; none for a headless Service.
+	ClusterIPs []netip.Addr
+	// ExternalName, when set, makes the Service an alias (a CNAME).
+	ExternalName string
+	// Ports are the Service's ports (spec.ports).
+	Ports []NamedPort
+	// Endpoints are the endpoints DNS publishes: the ready ones, which
+	// includes every listed one when the Service sets
+	// publishNotReadyAddresses.
+	Endpoints []DNSEndpoint
+}
+
+// Headless reports whether s has no virtual IP: its name resolves to its
+// endpoints.
+func (s *Service) Headless() bool { return len(s.ClusterIPs) == 0 && s.ExternalName == "" }
+
+// NamedPort is a port with its name and protocol.
+type NamedPort struct {
+	Name     string
+	Protocol Protocol
+	Port     uint16
+}
+
+// DNSEndpoint is one endpoint of a Service, as DNS publishes it.
+type DNSEndpoint struct {
+	IP netip.Addr
+	// Hostname is the endpoint's own DNS label: its hostname field, else
+	// its IP with dashes (10-244-1-2), as CoreDNS names it.
+	Hostname string
+	// Ports are the endpoint's ports (the targets), by Service port name.
+	Ports []NamedPort
 }
 
 // NewSnapshot sorts ports by key and returns them as a Snapshot. It reports an

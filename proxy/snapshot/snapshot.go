@@ -23,6 +23,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"strings"
 	"time"
 
 	v1 "k8s.io/api/core/v1"
@@ -82,11 +83,12 @@ func Build(services []*v1.Service, endpointSlices []*discovery.EndpointSlice, no
 		}
 	}
 	snap, err := service.NewSnapshot(ports)
+	snap.Services = dnsServices(services, bySvc)
 	if err != nil {
 		// Port names are unique within a Service, so this means two
 		// objects claim one name: keep going with nothing rather than a
 		// guess, and say why.
-		return service.Snapshot{}, append(warnings, err)
+		return service.Snapshot{Services: snap.Services}, append(warnings, err)
 	}
 	return snap, warnings
 }
@@ -191,4 +193,105 @@ func slicePort(s *discovery.EndpointSlice, portName string, proto service.Protoc
 		}
 	}
 	return 0, false
+}
+
+// dnsServices is the DNS view of services: every one of them, with the
+// endpoints DNS publishes.
+func dnsServices(services []*v1.Service, bySvc map[[2]string][]*discovery.EndpointSlice) []service.Service {
+	out := make([]service.Service, 0, len(services))
+	for _, svc := range services {
+		d := service.Service{Namespace: svc.Namespace, Name: svc.Name}
+		if svc.Spec.Type == v1.ServiceTypeExternalName {
+			d.ExternalName = strings.TrimSuffix(svc.Spec.ExternalName, ".")
+		} else {
+			ips := svc.Spec.ClusterIPs
+			if len(ips) == 0 && svc.Spec.ClusterIP != "" {
+				ips = []string{svc.Spec.ClusterIP}
+			}
+			for _, s := range ips {
+				if ip, err := netip.ParseAddr(s); err == nil {
+					d.ClusterIPs = append(d.ClusterIPs, ip)
+				}
+			}
+		}
+		for _, p := range svc.Spec.Ports {
+			proto := service.Protocol(p.Protocol)
+			if proto == "" {
+				proto = service.TCP
+			}
+			d.Ports = append(d.Ports, service.NamedPort{Name: p.Name, Protocol: proto, Port: uint16(p.Port)})
+		}
+		d.Endpoints = dnsEndpoints(bySvc[[2]string{svc.Namespace, svc.Name}])
+		out = append(out, d)
+	}
+	slices.SortFunc(out, func(a, b service.Service) int {
+		return strings.Compare(a.Namespace+"/"+a.Name, b.Namespace+"/"+b.Name)
+	})
+	return out
+}
+
+// dnsEndpoints lists the ready endpoints of a Service's slices, once per
+// address, with the ports each slice gives them.
+func dnsEndpoints(svcSlices []*discovery.EndpointSlice) []service.DNSEndpoint {
+	byIP := map[netip.Addr]*service.DNSEndpoint{}
+	var order []netip.Addr
+	for _, s := range svcSlices {
+		if s.AddressType != discovery.AddressTypeIPv4 && s.AddressType != discovery.AddressTypeIPv6 {
+			continue
+		}
+		var ports []service.NamedPort
+		for _, p := range s.Ports {
+			if p.Port == nil || *p.Port <= 0 || *p.Port > 65535 {
+				continue
+			}
+			np := service.NamedPort{Protocol: service.TCP, Port: uint16(*p.Port)}
+			if p.Name != nil {
+				np.Name = *p.Name
+			}
+			if p.Protocol != nil {
+				np.Protocol = service.Protocol(*p.Protocol)
+			}
+			ports = append(ports, np)
+		}
+		for _, ep := range s.Endpoints {
+			if len(ep.Addresses) == 0 || (ep.Conditions.Ready != nil && !*ep.Conditions.Ready) {
+				continue
+			}
+			ip, err := netip.ParseAddr(ep.Addresses[0])
+			if err != nil {
+				continue
+			}
+			e, ok := byIP[ip]
+			if !ok {
+				e = &service.DNSEndpoint{IP: ip, Hostname: dashed(ip)}
+				if ep.Hostname != nil && *ep.Hostname != "" {
+					e.Hostname = *ep.Hostname
+				}
+				byIP[ip] = e
+				order = append(order, ip)
+			}
+			for _, p := range ports {
+				if !slices.Contains(e.Ports, p) {
+					e.Ports = append(e.Ports, p)
+				}
+			}
+		}
+	}
+	slices.SortFunc(order, netip.Addr.Compare)
+	out := make([]service.DNSEndpoint, 0, len(order))
+	for _, ip := range order {
+		out = append(out, *byIP[ip])
+	}
+	return out
+}
+
+// dashed is CoreDNS's name for an endpoint without a hostname: its address
+// with dashes, 10-244-1-2 (for IPv6, colons become dashes and a trailing
+// dash gets a 0).
+func dashed(ip netip.Addr) string {
+	s := strings.NewReplacer(".", "-", ":", "-").Replace(ip.String())
+	if strings.HasSuffix(s, "-") {
+		s += "0"
+	}
+	return s
 }

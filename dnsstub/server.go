@@ -1,0 +1,230 @@
+package dnsstub
+
+import (
+	"context"
+	"errors"
+	"net"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/miekg/dns"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/sirupsen/logrus"
+)
+
+// Config says what the stub answers and where it forwards the rest. Zero
+// fields take the defaults their comments give.
+type Config struct {
+	// Domain is the cluster domain (--cluster-domain). Empty means
+	// "cluster.local".
+	Domain string
+	// TTL is the TTL of every record. Zero means 5s, CoreDNS's default.
+	TTL time.Duration
+	// Upstreams are the servers names outside the domain go to, as
+	// host:port. Empty means none: such names get SERVFAIL.
+	Upstreams []string
+	// ForwardTimeout bounds one forwarded query over all upstreams. Zero
+	// means 2s, so a client (5s by default) sees SERVFAIL, not a timeout.
+	ForwardTimeout time.Duration
+	// Registerer receives the stub's metrics. Nil means none.
+	Registerer prometheus.Registerer
+	// Log receives what cannot be returned. Nil discards it.
+	Log logrus.FieldLogger
+}
+
+// Server is the DNS stub: a dns.Handler that answers from the current Zone.
+// It is safe for concurrent use; SetZone swaps the zone whole.
+type Server struct {
+	origin  string
+	ttl     time.Duration
+	cfg     Config
+	zone    atomic.Pointer[Zone]
+	metrics *metrics
+	log     logrus.FieldLogger
+}
+
+// NewServer returns a stub that answers SERVFAIL for the cluster domain
+// until SetZone gives it a zone (a missing zone must not look like a missing
+// name).
+func NewServer(cfg Config) (*Server, error) {
+	if cfg.Domain == "" {
+		cfg.Domain = "cluster.local"
+	}
+	if _, ok := dns.IsDomainName(cfg.Domain); !ok || strings.Trim(cfg.Domain, ".") == "" {
+		return nil, errors.New("--cluster-domain " + cfg.Domain + ": not a domain name")
+	}
+	if cfg.TTL == 0 {
+		cfg.TTL = 5 * time.Second
+	}
+	if cfg.ForwardTimeout == 0 {
+		cfg.ForwardTimeout = 2 * time.Second
+	}
+	s := &Server{origin: dns.Fqdn(strings.ToLower(cfg.Domain)), ttl: cfg.TTL, cfg: cfg, log: cfg.Log}
+	if s.log == nil {
+		l := logrus.New()
+		l.SetLevel(logrus.PanicLevel)
+		s.log = l
+	}
+	m, err := newMetrics(cfg.Registerer)
+	if err != nil {
+		return nil, err
+	}
+	s.metrics = m
+	return s, nil
+}
+
+// Domain is the cluster domain the stub answers, as an FQDN.
+func (s *Server) Domain() string { return s.origin }
+
+// TTL is the record TTL.
+func (s *Server) TTL() time.Duration { return s.ttl }
+
+// SetZone makes z the zone answered from now on.
+func (s *Server) SetZone(z *Zone) { s.zone.Store(z) }
+
+// Serve answers queries on pc (UDP) and ln (TCP) until ctx is done. Either
+// may be nil.
+func (s *Server) Serve(ctx context.Context, pc net.PacketConn, ln net.Listener) error {
+	var servers []*dns.Server
+	if pc != nil {
+		// UDPSize: miekg reads only 512 bytes of a UDP query by default;
+		// EDNS0 queries may be larger.
+		servers = append(servers, &dns.Server{PacketConn: pc, Handler: s, UDPSize: dns.MaxMsgSize})
+	}
+	if ln != nil {
+		// MaxTCPQueries: miekg closes a TCP connection after 128 queries
+		// by default; resolvers and caches keep theirs open.
+		servers = append(servers, &dns.Server{Listener: ln, Handler: s, MaxTCPQueries: -1, IdleTimeout: func() time.Duration { return 10 * time.Second }})
+	}
+	errc := make(chan error, len(servers))
+	var wg sync.WaitGroup
+	for _, srv := range servers {
+		wg.Go(func() { errc <- srv.ActivateAndServe() })
+	}
+	var err error
+	select {
+	case <-ctx.Done():
+	case err = <-errc:
+	}
+	shutdown, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	for _, srv := range servers {
+		srv.ShutdownContext(shutdown)
+	}
+	wg.Wait()
+	return err
+}
+
+// ServeDNS answers one query.
+func (s *Server) ServeDNS(w dns.ResponseWriter, r *dns.Msg) {
+	start := time.Now()
+	_, udp := w.RemoteAddr().(*net.UDPAddr)
+	m := s.Answer(r, udp)
+	qtype := uint16(0)
+	if len(r.Question) == 1 {
+		qtype = r.Question[0].Qtype
+	}
+	s.metrics.observe(qtype, m.Rcode, time.Since(start))
+	if err := w.WriteMsg(m); err != nil {
+		s.log.WithError(err).Debug("DNS reply not sent")
+	}
+}
+
+// Answer returns the reply to r, fitted to the client's buffer when it came
+// over UDP.
+func (s *Server) Answer(r *dns.Msg, udp bool) *dns.Msg {
+	m := s.answer(r)
+	size := dns.MaxMsgSize
+	if udp {
+		// The client's EDNS0 buffer, never below 512; 512 without EDNS0.
+		size = dns.MinMsgSize
+		if opt := r.IsEdns0(); opt != nil {
+			size = max(int(opt.UDPSize()), dns.MinMsgSize)
+		}
+	}
+	if opt := r.IsEdns0(); opt != nil && m.IsEdns0() == nil {
+		m.SetEdns0(uint16(min(size, 4096)), opt.Do())
+	}
+	// Truncate keeps whole records only and sets TC when anything was
+	// left out; the client then asks again over TCP.
+	m.Truncate(size)
+	return m
+}
+
+func (s *Server) answer(r *dns.Msg) *dns.Msg {
+	m := new(dns.Msg)
+	if len(r.Question) != 1 || r.Opcode != dns.OpcodeQuery || r.Response {
+		return m.SetRcodeFormatError(r)
+	}
+	q := r.Question[0]
+	name := strings.ToLower(q.Name)
+	if q.Qclass != dns.ClassINET {
+		return m.SetRcode(r, dns.RcodeRefused)
+	}
+	z := s.zone.Load()
+	if inZone(name, s.origin) {
+		if q.Qtype == dns.TypeAXFR || q.Qtype == dns.TypeIXFR {
+			return m.SetRcode(r, dns.RcodeRefused)
+		}
+		if z == nil {
+			// Not synced yet: say "try again", not "no such name".
+			return m.SetRcode(r, dns.RcodeServerFailure)
+		}
+		return s.authoritative(r, z, name, q.Qtype)
+	}
+	if z != nil && q.Qtype == dns.TypePTR {
+		if rrs, ok := z.reverse(name); ok {
+			m.SetReply(r)
+			m.Authoritative = true
+			m.Answer = rrs
+			return m
+		}
+	}
+	// Everything else, including the reverse names of addresses that are
+	// not ours, is somebody else's to answer.
+	return s.forward(r)
+}
+
+// authoritative answers a question for a name in the cluster domain.
+// NXDOMAIN means the name has no record of any type; a name that exists
+// without the asked type gets NOERROR with no answer and the SOA (NODATA),
+// so a resolver walking its search list does not stop there by mistake.
+func (s *Server) authoritative(r *dns.Msg, z *Zone, name string, qtype uint16) *dns.Msg {
+	m := new(dns.Msg)
+	m.SetReply(r)
+	m.Authoritative = true
+	answer, exists := z.lookup(name, qtype)
+	switch {
+	case !exists:
+		m.Rcode = dns.RcodeNameError
+		m.Ns = []dns.RR{z.soa}
+	case len(answer) == 0:
+		m.Ns = []dns.RR{z.soa}
+	default:
+		m.Answer = answer
+		if cname, ok := answer[0].(*dns.CNAME); ok && (qtype == dns.TypeA || qtype == dns.TypeAAAA) {
+			m.Answer = append(m.Answer, s.chase(r, z, cname.Target, qtype)...)
+		}
+	}
+	return m
+}
+
+// chase resolves the target of an ExternalName alias, in the zone or
+// upstream, so that a stub resolver gets an address and not only a CNAME.
+func (s *Server) chase(r *dns.Msg, z *Zone, target string, qtype uint16) []dns.RR {
+	target = strings.ToLower(target)
+	if inZone(target, s.origin) {
+		rrs, _ := z.lookup(target, qtype)
+		return rrs
+	}
+	q := new(dns.Msg)
+	q.SetQuestion(target, qtype)
+	q.RecursionDesired = true
+	reply := s.forward(q)
+	if reply.Rcode != dns.RcodeSuccess {
+		return nil
+	}
+	return reply.Answer
+}
