@@ -15,7 +15,7 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo v0.0
 LDFLAGS := -X main.version=$(VERSION)
 
 # System packages the tests, the lab and the benchmarks run.
-DEB_PACKAGES := iptables iproute2 curl nftables
+DEB_PACKAGES := iptables iproute2 curl nftables dnsutils
 BENCH_PACKAGES := iperf3 wrk haproxy socat
 
 .PHONY: all build test demo bench bench-modes deps bench-deps netbench clean

@@ -34,10 +34,14 @@ type frontend interface {
 	mode() string
 	// binds says where each service port's listener sockets go.
 	binds(p *service.Port) []netip.AddrPort
-	// point makes the Service addresses of s lead to the sockets that Sync
-	// bound. It is called after the sockets are open and before unwanted
-	// ones are closed.
-	point(s service.Snapshot, bound map[service.Key][]netip.AddrPort) error
+	// dnsListen is where the DNS stub's sockets go for cluster DNS IP ip
+	// (a port of 0 means one from the proxy port range).
+	dnsListen(ip netip.Addr) netip.AddrPort
+	// point makes the Service addresses of s, and the cluster DNS IP when
+	// dns is not nil, lead to the sockets that were bound for them. It is
+	// called after the sockets are open and before unwanted ones are
+	// closed.
+	point(s service.Snapshot, bound map[service.Key][]netip.AddrPort, dns *dnsTarget) error
 }
 
 // redirectFrontend points Service addresses at listeners with iptables.
@@ -53,25 +57,39 @@ func (f *redirectFrontend) binds(p *service.Port) []netip.AddrPort {
 	return f.listeners.RedirectBinds(p)
 }
 
-func (f *redirectFrontend) point(s service.Snapshot, bound map[service.Key][]netip.AddrPort) error {
+func (f *redirectFrontend) dnsListen(netip.Addr) netip.AddrPort {
+	return f.listeners.RedirectBinds(nil)[0]
+}
+
+func (f *redirectFrontend) point(s service.Snapshot, bound map[service.Key][]netip.AddrPort, dns *dnsTarget) error {
 	ports := make(map[service.Key]int, len(bound))
 	for k, addrs := range bound {
 		ports[k] = int(addrs[0].Port())
 	}
-	rs, conflicts := redirects(s, ports)
+	rs, conflicts := redirects(s, ports, dns)
 	for _, c := range conflicts {
 		f.log.WithError(c).Error("Service address not served")
 	}
 	return f.table.Sync(rs)
 }
 
-// redirects lists the rules for s. An address:port that two service ports
-// claim is given to the first in key order; the other is reported.
-func redirects(s service.Snapshot, ports map[service.Key]int) ([]iptables.Redirect, []error) {
+// redirects lists the rules for s, and for the DNS stub when dns is not
+// nil. Port 53 of the cluster DNS IP is the stub's, whatever Service uses
+// that address too. An address:port that two service ports claim is given
+// to the first in key order; the other is reported.
+func redirects(s service.Snapshot, ports map[service.Key]int, dns *dnsTarget) ([]iptables.Redirect, []error) {
 	var rs []iptables.Redirect
 	var errs []error
+	if dns != nil {
+		for _, proto := range []string{"udp", "tcp"} {
+			rs = append(rs, iptables.Redirect{Kind: iptables.ClusterIP, IP: dns.ip, Port: dnsPort, Protocol: proto, ToPort: dns.listen.Port(), Comment: "kube-userspace-proxy/dns"})
+		}
+	}
 	owner := map[string]service.Key{}
 	add := func(p *service.Port, kind iptables.Kind, ip netip.Addr, port uint16, listener int) {
+		if kind != iptables.NodePort && dns.claims(ip, port) {
+			return // answered by the DNS stub
+		}
 		proto := strings.ToLower(string(p.Protocol))
 		claim := fmt.Sprintf("%s:%d/%s", ip, port, proto)
 		if kind == iptables.NodePort {
@@ -139,6 +157,10 @@ func (f *bindFrontend) binds(p *service.Port) []netip.AddrPort {
 	return out
 }
 
+func (f *bindFrontend) dnsListen(ip netip.Addr) netip.AddrPort {
+	return netip.AddrPortFrom(ip, dnsPort)
+}
+
 // serviceIPs are the addresses of p that bind mode makes local.
 func serviceIPs(p *service.Port) []netip.Addr {
 	ips := append([]netip.Addr{p.ClusterIP}, p.ExternalIPs...)
@@ -148,8 +170,11 @@ func serviceIPs(p *service.Port) []netip.Addr {
 // point adds the addresses of every service port that has a socket, and
 // removes ours that no Service uses any more. The sockets were bound before
 // the addresses existed (IP_FREEBIND), so traffic finds them listening.
-func (f *bindFrontend) point(s service.Snapshot, bound map[service.Key][]netip.AddrPort) error {
+func (f *bindFrontend) point(s service.Snapshot, bound map[service.Key][]netip.AddrPort, dns *dnsTarget) error {
 	var want []netip.Addr
+	if dns != nil {
+		want = append(want, dns.ip)
+	}
 	for i := range s.Ports {
 		p := &s.Ports[i]
 		if len(bound[p.Key()]) == 0 {

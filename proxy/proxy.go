@@ -16,15 +16,18 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"slices"
 	"strconv"
 	"strings"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/sirupsen/logrus"
 	"golang.org/x/sync/errgroup"
 
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/dnsstub"
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/iptables"
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/localaddr"
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/manifest"
@@ -58,6 +61,21 @@ type Config struct {
 	// stale affinity pins. Zero means 30s (kube-proxy's
 	// --iptables-sync-period).
 	SyncPeriod time.Duration
+	// ClusterDNS is the cluster DNS IP (kubelet's clusterDNS, --cluster-dns):
+	// when set, the embedded DNS stub answers port 53 there, UDP and TCP,
+	// for pods and for the node. Unset means no DNS stub.
+	ClusterDNS netip.Addr
+	// ClusterDomain is the DNS domain of the cluster (--cluster-domain).
+	// Empty means "cluster.local".
+	ClusterDomain string
+	// DNSUpstreams are the servers other names are forwarded to, host:port
+	// (--dns-upstream). Empty means the node's /etc/resolv.conf.
+	DNSUpstreams []string
+	// DNSTTL is the TTL of the stub's records. Zero means 5s.
+	DNSTTL time.Duration
+	// Registry collects the proxy's metrics, served on /metrics. Nil means
+	// a new one.
+	Registry *prometheus.Registry
 	// MetricsBindAddress is where /proxyMode is served
 	// (--metrics-bind-address, kube-proxy's 127.0.0.1:10249); empty means
 	// nowhere.
@@ -89,6 +107,13 @@ func Run(ctx context.Context, cfg Config) error {
 	if cfg.Manifests == "" {
 		return errors.New("no source of Services: give --manifests PATH")
 	}
+	if cfg.Registry == nil {
+		cfg.Registry = prometheus.NewRegistry()
+	}
+	stub, err := newDNS(&cfg)
+	if err != nil {
+		return err
+	}
 	listeners, err := userspace.New(cfg.Listeners)
 	if err != nil {
 		return err
@@ -98,6 +123,16 @@ func Run(ctx context.Context, cfg Config) error {
 	if err != nil {
 		return err
 	}
+	var dns *dnsTarget
+	var dnsPC net.PacketConn
+	var dnsLn net.Listener
+	if stub != nil {
+		if dnsPC, dnsLn, err = openDNS(&cfg, front.dnsListen(cfg.ClusterDNS)); err != nil {
+			return err
+		}
+		dns = &dnsTarget{ip: cfg.ClusterDNS, listen: dnsPC.LocalAddr().(*net.UDPAddr).AddrPort()}
+		log.WithFields(logrus.Fields{"clusterDNS": cfg.ClusterDNS, "domain": stub.Domain(), "listen": dns.listen.String()}).Info("DNS stub answers the cluster domain")
+	}
 	log.WithFields(logrus.Fields{
 		"mode":           front.mode(),
 		"bindAddress":    bindString(cfg.Listeners.BindAddress),
@@ -105,7 +140,7 @@ func Run(ctx context.Context, cfg Config) error {
 		"manifests":      cfg.Manifests,
 	}).Info("Starting kube-userspace-proxy")
 
-	p := &proxier{log: log, listeners: listeners, front: front}
+	p := &proxier{log: log, listeners: listeners, front: front, dns: dns, stub: stub}
 	snaps := make(chan service.Snapshot, 1)
 	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error {
@@ -122,8 +157,11 @@ func Run(ctx context.Context, cfg Config) error {
 		p.loop(ctx, snaps, cfg.syncPeriod())
 		return nil
 	})
+	if stub != nil {
+		g.Go(func() error { return stub.Serve(ctx, dnsPC, dnsLn) })
+	}
 	if cfg.MetricsBindAddress != "" {
-		g.Go(func() error { return serveStatus(ctx, cfg.MetricsBindAddress, front.mode(), log) })
+		g.Go(func() error { return serveStatus(ctx, cfg.MetricsBindAddress, front.mode(), cfg.Registry, log) })
 	}
 	err = g.Wait()
 	log.Info("Stopped; rules and addresses stay in place until the next start or --cleanup")
@@ -176,6 +214,8 @@ type proxier struct {
 	log       logrus.FieldLogger
 	listeners *userspace.Listeners
 	front     frontend
+	dns       *dnsTarget      // nil without a DNS stub
+	stub      *dnsstub.Server // nil without a DNS stub
 	current   service.Snapshot
 	bound     map[service.Key][]netip.AddrPort
 }
@@ -217,19 +257,23 @@ func (p *proxier) apply(s service.Snapshot) {
 	// 1. Open the sockets new service ports and new addresses need, and
 	// give every listener its current endpoints. Old sockets keep serving
 	// meanwhile.
-	bound, err := p.listeners.Sync(s, p.front.binds)
+	bound, err := p.listeners.Sync(s, p.binds)
 	if err != nil {
 		p.log.WithError(err).Error("Some Service addresses have no listener and are not served")
 	}
 	// 2. Point the Service addresses at the sockets: rules, or local
 	// addresses.
-	if err := p.front.point(s, bound); err != nil {
+	if err := p.front.point(s, bound, p.dns); err != nil {
 		// Keep every socket open: what is still in the kernel may lead
 		// to any of them. The next change or sync tries again.
 		p.log.WithError(err).Error("Could not point Service addresses at the listeners; will retry")
 		return
 	}
-	// 3. Nothing leads to the sockets of removed ports and addresses any
+	// 3. Names resolve once the addresses they give work.
+	if p.stub != nil {
+		p.stub.SetZone(dnsstub.NewZone(p.stub.Domain(), p.stub.TTL(), s))
+	}
+	// 4. Nothing leads to the sockets of removed ports and addresses any
 	// more.
 	p.listeners.CloseUnused()
 	p.logChanges(s, bound)
@@ -266,6 +310,16 @@ func (p *proxier) logChanges(s service.Snapshot, bound map[service.Key][]netip.A
 			p.log.WithFields(logrus.Fields{"service": o.Name.String(), "protocol": o.Protocol, "clusterIP": o.ClusterIP.String(), "port": o.Port, "listener": listenerString(p.bound[o.Key()])}).Info("Removed service port")
 		}
 	}
+}
+
+// binds is where the frontend puts each service port's sockets, less port
+// 53 of the cluster DNS IP, which is the DNS stub's.
+func (p *proxier) binds(sp *service.Port) []netip.AddrPort {
+	addrs := p.front.binds(sp)
+	if p.dns == nil {
+		return addrs
+	}
+	return slices.DeleteFunc(addrs, func(a netip.AddrPort) bool { return p.dns.claims(a.Addr(), a.Port()) })
 }
 
 // listenerString describes where a service port listens: the port alone

@@ -23,7 +23,7 @@ func TestRedirectsAndConflicts(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	rs, errs := redirects(s, map[service.Key]int{a.Key(): 1000, b.Key(): 1001, bUDP.Key(): 1002})
+	rs, errs := redirects(s, map[service.Key]int{a.Key(): 1000, b.Key(): 1001, bUDP.Key(): 1002}, nil)
 	want := []iptables.Redirect{
 		{Kind: iptables.ClusterIP, IP: ip, Port: 80, Protocol: "tcp", ToPort: 1000, Comment: "default/a"},
 		{Kind: iptables.ExternalIP, IP: netip.MustParseAddr("203.0.113.7"), Port: 80, Protocol: "tcp", ToPort: 1000, Comment: "default/a"},

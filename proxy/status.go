@@ -9,6 +9,8 @@ import (
 	"net/http"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/sirupsen/logrus"
 )
 
@@ -22,8 +24,9 @@ func ProxyModeName(mode string) string {
 	return mode
 }
 
-// serveStatus serves kube-proxy's /proxyMode on addr until ctx is done.
-func serveStatus(ctx context.Context, addr, mode string, log logrus.FieldLogger) error {
+// serveStatus serves kube-proxy's /proxyMode, and our /metrics, on addr
+// until ctx is done.
+func serveStatus(ctx context.Context, addr, mode string, reg *prometheus.Registry, log logrus.FieldLogger) error {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return fmt.Errorf("--metrics-bind-address %s: %w", addr, err)
@@ -33,10 +36,11 @@ func serveStatus(ctx context.Context, addr, mode string, log logrus.FieldLogger)
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		io.WriteString(w, ProxyModeName(mode))
 	})
+	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	stop := context.AfterFunc(ctx, func() { srv.Close() })
 	defer stop()
-	log.WithField("address", ln.Addr().String()).Info("Serving /proxyMode")
+	log.WithField("address", ln.Addr().String()).Info("Serving /proxyMode and /metrics")
 	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 		return err
 	}

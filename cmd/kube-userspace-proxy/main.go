@@ -23,9 +23,11 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/miekg/dns"
 	"github.com/sirupsen/logrus"
 	"github.com/spf13/cobra"
 
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/dnsstub"
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/iptables"
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy"
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/portalloc"
@@ -45,6 +47,10 @@ type options struct {
 	iptablesBackend  string
 	mode             string
 	metricsAddr      string
+	clusterDNS       string
+	clusterDomain    string
+	dnsUpstreams     []string
+	dnsTTL           time.Duration
 	nodePortAddrs    []string
 	hostnameOverride string
 	cleanup          bool
@@ -96,6 +102,10 @@ and carries each connection to one of the Service's pods, round robin.`,
 	f.DurationVar(&o.syncPeriod, "iptables-sync-period", 30*time.Second, "how often everything is applied again even without a change, putting back rules someone else deleted")
 	f.StringVar(&o.mode, "mode", proxy.ModeRedirect, "how Service traffic reaches the listeners: redirect (iptables REDIRECT), bind (Service IPs made local, no netfilter at all), or auto (redirect if the kernel can NAT, else bind)")
 	f.StringSliceVar(&o.nodePortAddrs, "nodeport-addresses", nil, "in bind mode, CIDRs selecting the node addresses NodePorts are served on (default: all)")
+	f.StringVar(&o.clusterDNS, "cluster-dns", "", "kubelet's clusterDNS IP (such as 10.96.0.10): the embedded DNS stub answers port 53 there for pods and the node; empty for no stub")
+	f.StringVar(&o.clusterDomain, "cluster-domain", "cluster.local", "the cluster's DNS domain")
+	f.StringSliceVar(&o.dnsUpstreams, "dns-upstream", nil, "DNS servers (IP or IP:port) for names outside the cluster domain (default: the node's /etc/resolv.conf, loopback servers skipped)")
+	f.DurationVar(&o.dnsTTL, "dns-ttl", 5*time.Second, "TTL of the DNS stub's records")
 	f.StringVar(&o.metricsAddr, "metrics-bind-address", "127.0.0.1:10249", "where /proxyMode is served (host:port; empty for nowhere)")
 	f.StringVar(&o.iptablesBackend, "iptables-backend", "auto", "iptables backend: legacy, nft, or auto (the one the node already uses)")
 	f.StringVar(&o.hostnameOverride, "hostname-override", "", "this node's name, for internalTrafficPolicy Local; default the lower-cased hostname")
@@ -179,6 +189,27 @@ func (o *options) config(log logrus.FieldLogger) (proxy.Config, error) {
 		}
 		nodePortAddrs = append(nodePortAddrs, p.Masked())
 	}
+	var clusterDNS netip.Addr
+	if o.clusterDNS != "" {
+		if clusterDNS, err = netip.ParseAddr(o.clusterDNS); err != nil || !clusterDNS.Is4() {
+			errs = append(errs, fmt.Errorf("--cluster-dns %q: not an IPv4 address (want kubelet's clusterDNS, such as 10.96.0.10)", o.clusterDNS))
+		}
+	}
+	if _, ok := dns.IsDomainName(o.clusterDomain); !ok || strings.Trim(o.clusterDomain, ".") == "" {
+		errs = append(errs, fmt.Errorf("--cluster-domain %q: not a domain name (want such as cluster.local)", o.clusterDomain))
+	}
+	var upstreams []string
+	for _, u := range o.dnsUpstreams {
+		up, err := dnsstub.ParseUpstream(u)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		upstreams = append(upstreams, up)
+	}
+	if o.dnsTTL < time.Second || o.dnsTTL > time.Hour {
+		errs = append(errs, fmt.Errorf("--dns-ttl %s: want 1s to 1h", o.dnsTTL))
+	}
 	if o.metricsAddr != "" {
 		if _, _, err := net.SplitHostPort(o.metricsAddr); err != nil {
 			errs = append(errs, fmt.Errorf("--metrics-bind-address %q: want host:port, such as 127.0.0.1:10249", o.metricsAddr))
@@ -208,6 +239,10 @@ func (o *options) config(log logrus.FieldLogger) (proxy.Config, error) {
 		},
 		Mode:               o.mode,
 		MetricsBindAddress: o.metricsAddr,
+		ClusterDNS:         clusterDNS,
+		ClusterDomain:      o.clusterDomain,
+		DNSUpstreams:       upstreams,
+		DNSTTL:             o.dnsTTL,
 		Backend:            backend,
 		NodePortAddresses:  nodePortAddrs,
 		NodeName:           nodeName,

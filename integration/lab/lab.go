@@ -28,6 +28,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
 	"syscall"
@@ -55,6 +56,7 @@ type Lab struct {
 	mu    sync.Mutex
 	procs []*Proc
 	nss   []*NS
+	etcs  []string // /etc/netns/<name> folders we made
 }
 
 // Pod is a pod namespace with its address.
@@ -166,6 +168,20 @@ func ip(args ...string) error {
 		return fmt.Errorf("ip %s: %w: %s", strings.Join(args, " "), err, bytes.TrimSpace(out))
 	}
 	return nil
+}
+
+// SetResolvConf gives namespace n its own /etc/resolv.conf: `ip netns exec`
+// bind-mounts /etc/netns/<name>/resolv.conf over /etc/resolv.conf for every
+// command it runs there. Close removes the folder.
+func (l *Lab) SetResolvConf(n *NS, content string) error {
+	dir := filepath.Join("/etc/netns", n.Name)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	l.mu.Lock()
+	l.etcs = append(l.etcs, dir)
+	l.mu.Unlock()
+	return os.WriteFile(filepath.Join(dir, "resolv.conf"), []byte(content), 0o644)
 }
 
 // Run runs a command inside the namespace and returns its standard output.
@@ -319,8 +335,8 @@ func (p *Proc) Done() <-chan struct{} { return p.done }
 // namespaces, which takes their veths with them. It is safe to call twice.
 func (l *Lab) Close() error {
 	l.mu.Lock()
-	procs, nss := l.procs, l.nss
-	l.procs, l.nss = nil, nil
+	procs, nss, etcs := l.procs, l.nss, l.etcs
+	l.procs, l.nss, l.etcs = nil, nil, nil
 	l.mu.Unlock()
 	for _, p := range procs {
 		select {
@@ -331,6 +347,11 @@ func (l *Lab) Close() error {
 		}
 	}
 	var errs []error
+	for _, dir := range etcs {
+		if err := os.RemoveAll(dir); err != nil {
+			errs = append(errs, err)
+		}
+	}
 	for i := len(nss) - 1; i >= 0; i-- {
 		if err := ip("netns", "del", nss[i].Name); err != nil {
 			errs = append(errs, err)

@@ -298,9 +298,9 @@ func (l *portListener) open(want netip.AddrPort) (socket, error) {
 	return sock, err
 }
 
-// listenConfig makes sockets that may bind addresses the node does not
-// have yet, with keep-alive at the kernel's timings.
-var listenConfig = net.ListenConfig{
+// ListenConfig makes the proxy's sockets: they may bind addresses the node
+// does not have yet (IP_FREEBIND), with keep-alive at the kernel's timings.
+var ListenConfig = net.ListenConfig{
 	KeepAliveConfig: keepAlive,
 	Control: func(_, _ string, c syscall.RawConn) error {
 		var serr error

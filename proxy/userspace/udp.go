@@ -51,7 +51,7 @@ type udpSession struct {
 func (s *udpSession) touch() { s.last.Store(time.Now().UnixNano()) }
 
 func (l *portListener) listenUDP(addr netip.AddrPort) (socket, error) {
-	c, err := listenConfig.ListenPacket(context.Background(), "udp4", addr.String())
+	c, err := ListenConfig.ListenPacket(context.Background(), "udp4", addr.String())
 	if err != nil {
 		return nil, err
 	}
