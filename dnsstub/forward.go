@@ -89,4 +89,3 @@ func ParseUpstream(s string) (string, error) {
 	}
 	return "", fmt.Errorf("--dns-upstream %q: want an IP address or IP:port", s)
 }
-
