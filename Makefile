@@ -18,7 +18,7 @@ LDFLAGS := -X main.version=$(VERSION)
 DEB_PACKAGES := iptables iproute2 curl nftables dnsutils
 BENCH_PACKAGES := iperf3 wrk haproxy socat
 
-.PHONY: all build test demo bench bench-modes deps bench-deps netbench clean
+.PHONY: all build test demo bench bench-modes dnsperf deps bench-deps netbench clean
 
 all: build
 
@@ -57,6 +57,11 @@ bench: deps
 # one lab and one run, with wrk.
 bench-modes: bench-deps build
 	./bin/kup-lab bench-modes
+
+# dnsperf: the DNS stub against a bare miekg/dns server, same run.
+dnsperf: build
+	@command -v dnsperf >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dnsperf >/dev/null; }
+	./hack/dnsperf.sh
 
 # netbench: the shared network benchmark harness, with our binary as the
 # proxy under test beside the Go yardstick (needs ../shared/bench).
