@@ -136,6 +136,10 @@ func (s *Server) ServeDNS(w dns.ResponseWriter, r *dns.Msg) {
 // over UDP.
 func (s *Server) Answer(r *dns.Msg, udp bool) *dns.Msg {
 	m := s.answer(r)
+	// Pods use the stub as their recursive resolver: it resolves what it
+	// does not own through the upstreams. Saying so keeps stub resolvers
+	// (nslookup, glibc) from warning or retrying elsewhere.
+	m.RecursionAvailable = true
 	size := dns.MaxMsgSize
 	if udp {
 		// The client's EDNS0 buffer, never below 512; 512 without EDNS0.

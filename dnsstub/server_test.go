@@ -234,6 +234,9 @@ func TestRecords(t *testing.T) {
 					t.Errorf("authority = %q; want the SOA: %v", rrs(r.Ns), tt.soa)
 				}
 				inZone := strings.HasSuffix(strings.ToLower(tt.name), z) || tt.name == domain+"." || strings.HasPrefix(tt.name, "11.0.96") || strings.HasPrefix(tt.name, "3.1.244")
+				if !r.RecursionAvailable {
+					t.Error("RA not set: stub resolvers warn that recursion is not available")
+				}
 				if r.Authoritative != inZone {
 					t.Errorf("AA = %v, want %v", r.Authoritative, inZone)
 				}

@@ -135,8 +135,13 @@ func (d *demo) run(ctx context.Context) (err error) {
 		}
 	}
 
-	say("Starting kube-userspace-proxy in the node: one listener per service port, and iptables rules to them")
-	if d.proxy, err = d.lab.StartProxy(d.tools, d.live); err != nil {
+	// The client pod's resolv.conf, as kubelet writes it for a pod in
+	// namespace default with clusterDNS 10.96.0.10.
+	if err := d.lab.SetResolvConf(&client.NS, "search default.svc.cluster.local svc.cluster.local cluster.local\nnameserver 10.96.0.10\noptions ndots:5\n"); err != nil {
+		return err
+	}
+	say("Starting kube-userspace-proxy in the node: one listener per service port, iptables rules to them, and a DNS stub on 10.96.0.10")
+	if d.proxy, err = d.lab.StartProxy(d.tools, d.live, "--cluster-dns", "10.96.0.10", "--dns-upstream", lab.ExtIP.String()); err != nil {
 		return err
 	}
 	for _, line := range d.proxy.Lines(0) {
@@ -159,6 +164,21 @@ func (d *demo) run(ctx context.Context) (err error) {
 	if err := d.curl(ctx, &client.NS, url); err != nil {
 		return err
 	}
+	say("The pod uses the name instead: its resolv.conf sends queries to 10.96.0.10, answered by the node's stub")
+	out, err := client.Run(ctx, "nslookup", "svc-test-1")
+	if err != nil {
+		return fmt.Errorf("nslookup: %w\n%s", err, out)
+	}
+	for line := range strings.Lines(string(out)) {
+		if strings.TrimSpace(line) != "" {
+			show("%s", strings.TrimRight(line, "\n"))
+		}
+	}
+	say("curl http://svc-test-1")
+	if err := d.curl(ctx, &client.NS, "http://svc-test-1/"); err != nil {
+		return err
+	}
+
 	say("The node itself curls the ClusterIP (its packets take the OUTPUT path)")
 	if err := d.curl(ctx, d.lab.Node, url); err != nil {
 		return err
@@ -231,7 +251,7 @@ func (d *demo) run(ctx context.Context) (err error) {
 	if err := d.proxy.Signal(syscall.SIGTERM); err != nil {
 		return fmt.Errorf("proxy exit: %w", err)
 	}
-	out, err := d.lab.Node.Run(ctx, d.tools.Proxy, "--cleanup")
+	out, err = d.lab.Node.Run(ctx, d.tools.Proxy, "--cleanup")
 	if err != nil {
 		return fmt.Errorf("--cleanup: %w\n%s", err, out)
 	}
