@@ -9,10 +9,10 @@
 //	<svc>.<ns>.svc                 A/AAAA: the ClusterIPs; for a headless
 //	                               Service its ready endpoints; CNAME for an
 //	                               ExternalName Service
-//	<host>.<svc>.<ns>.svc          A/AAAA of one endpoint of a headless Service
+//	<host>.<svc>.<ns>.svc          A/AAAA of one endpoint of the Service
 //	_<port>._<proto>.<svc>.<ns>.svc  SRV for each named port
 //	dns-version                    TXT "1.1.0"
-//	<reversed IP>.in-addr.arpa     PTR for ClusterIPs and headless endpoints
+//	<reversed IP>.in-addr.arpa     PTR for ClusterIPs and endpoints
 package dnsstub
 
 import (
@@ -134,6 +134,14 @@ func (z *Zone) addService(s *service.Service) {
 				continue // only named ports have SRV records
 			}
 			z.add(&dns.SRV{Hdr: z.hdr(srvName(p, name), dns.TypeSRV), Priority: 0, Weight: 100, Port: p.Port, Target: name})
+		}
+		// Each endpoint has a name of its own too, and its IP a PTR to it,
+		// as CoreDNS publishes them: the name of the Service itself still
+		// resolves to the ClusterIP only.
+		for _, ep := range s.Endpoints {
+			host := strings.ToLower(ep.Hostname) + "." + name
+			z.add(z.address(host, ep.IP))
+			z.addPTR(ep.IP, host)
 		}
 	default:
 		// Headless: the name is the endpoints. With no ready endpoint the
