@@ -87,14 +87,7 @@ func upstream(t *testing.T) (addr string, queries func() []string) {
 		}
 		w.WriteMsg(m)
 	})
-	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", pc.LocalAddr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
+	pc, ln := listenBoth(t)
 	for _, srv := range []*dns.Server{{PacketConn: pc, Handler: h}, {Listener: ln, Handler: h}} {
 		go srv.ActivateAndServe()
 		t.Cleanup(func() { srv.Shutdown() })
@@ -117,14 +110,7 @@ func stub(t *testing.T, cfg Config, zone bool) (*Server, string) {
 	if zone {
 		s.SetZone(NewZone(cfg.Domain, 5*time.Second, testSnapshot()))
 	}
-	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", pc.LocalAddr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
+	pc, ln := listenBoth(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- s.Serve(ctx, pc, ln) }()
@@ -391,4 +377,18 @@ kube_userspace_proxy_dns_forwarded_total 1
 `), "kube_userspace_proxy_dns_requests_total", "kube_userspace_proxy_dns_forwarded_total"); err != nil {
 		t.Error(err)
 	}
+}
+
+// listenBoth opens UDP and TCP on one loopback port.
+func listenBoth(t *testing.T) (net.PacketConn, net.Listener) {
+	t.Helper()
+	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", pc.LocalAddr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pc, ln
 }

@@ -3,7 +3,6 @@ package integration
 import (
 	"context"
 	"fmt"
-	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -19,21 +18,7 @@ import (
 // is back within 2s; --cleanup removes ours and only ours.
 func TestBindModeReconcile(t *testing.T) {
 	ctx := context.Background()
-	l := newLab(t)
-	client, err := l.AddPod("client", lab.ClientPod)
-	if err != nil {
-		t.Fatal(err)
-	}
-	story := lab.FirstStory()
-	for _, w := range story.Pods {
-		if _, err := l.AddWeb(tools, w); err != nil {
-			t.Fatal(err)
-		}
-	}
-	manifest := filepath.Join(t.TempDir(), "lab.yaml")
-	if err := story.Write(manifest); err != nil {
-		t.Fatal(err)
-	}
+	l, client, manifest := firstStoryLab(t, "")
 	const foreign, stale = "10.96.0.99/32", "10.96.0.77/32"
 	for _, args := range [][]string{
 		{"addr", "add", foreign, "dev", "lo"},                  // an administrator's
@@ -100,17 +85,7 @@ func TestBindModeReconcile(t *testing.T) {
 // auto mode must say so and behave as redirect mode.
 func TestAutoModeChoosesRedirectWhenNATWorks(t *testing.T) {
 	ctx := context.Background()
-	l := newLab(t)
-	story := lab.FirstStory()
-	for _, w := range story.Pods {
-		if _, err := l.AddWeb(tools, w); err != nil {
-			t.Fatal(err)
-		}
-	}
-	manifest := filepath.Join(t.TempDir(), "lab.yaml")
-	if err := story.Write(manifest); err != nil {
-		t.Fatal(err)
-	}
+	l, _, manifest := firstStoryLab(t, "")
 	proxy, err := l.StartProxy(tools, manifest, "--mode", "auto")
 	if err != nil {
 		t.Fatal(err)
@@ -131,21 +106,7 @@ func TestAutoModeChoosesRedirectWhenNATWorks(t *testing.T) {
 // says why and serves in bind mode, touching no netfilter.
 func TestAutoModeFallsBackToBind(t *testing.T) {
 	ctx := context.Background()
-	l := newLab(t)
-	client, err := l.AddPod("client", lab.ClientPod)
-	if err != nil {
-		t.Fatal(err)
-	}
-	story := lab.FirstStory()
-	for _, w := range story.Pods {
-		if _, err := l.AddWeb(tools, w); err != nil {
-			t.Fatal(err)
-		}
-	}
-	manifest := filepath.Join(t.TempDir(), "lab.yaml")
-	if err := story.Write(manifest); err != nil {
-		t.Fatal(err)
-	}
+	l, client, manifest := firstStoryLab(t, "")
 	proxy, err := l.Start(l.Node, "env", "PATH=/nonexistent", tools.Proxy, "--manifests", manifest, "--mode", "auto", "--log-format", "json", "-v", "3")
 	if err != nil {
 		t.Fatal(err)

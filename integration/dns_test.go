@@ -3,8 +3,6 @@ package integration
 import (
 	"context"
 	"fmt"
-	"os"
-	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -55,23 +53,9 @@ func TestDNSInTheLab(t *testing.T) {
 
 func dnsInTheLab(t *testing.T, mode string) {
 	ctx := context.Background()
-	l := newLab(t)
-	client, err := l.AddPod("client", lab.ClientPod)
-	if err != nil {
-		t.Fatal(err)
-	}
-	story := lab.FirstStory()
-	for _, w := range story.Pods {
-		if _, err := l.AddWeb(tools, w); err != nil {
-			t.Fatal(err)
-		}
-	}
+	l, client, manifest := firstStoryLab(t, kubeDNS)
 	coredns := lab.NewWebPod(9, "v1", 8080) // 10.244.9.2, the kube-dns Service's pod
 	if _, err := l.AddWeb(tools, coredns); err != nil {
-		t.Fatal(err)
-	}
-	manifest := filepath.Join(t.TempDir(), "lab.yaml")
-	if err := os.WriteFile(manifest, []byte(story.Manifest()+kubeDNS), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	// What kubelet writes for a pod in namespace default.

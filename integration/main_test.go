@@ -50,3 +50,27 @@ func newLab(t *testing.T) *lab.Lab {
 	})
 	return l
 }
+
+// firstStoryLab builds a lab with a client pod and the web pods of the
+// Service story's first step, and writes that step's manifest, followed by
+// extra documents, to a file. It returns the lab, the client pod and the
+// manifest's path.
+func firstStoryLab(t *testing.T, extra string) (*lab.Lab, *lab.Pod, string) {
+	t.Helper()
+	l := newLab(t)
+	client, err := l.AddPod("client", lab.ClientPod)
+	if err != nil {
+		t.Fatal(err)
+	}
+	story := lab.FirstStory()
+	for _, w := range story.Pods {
+		if _, err := l.AddWeb(tools, w); err != nil {
+			t.Fatal(err)
+		}
+	}
+	manifest := filepath.Join(t.TempDir(), "lab.yaml")
+	if err := os.WriteFile(manifest, []byte(story.Manifest()+extra), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return l, client, manifest
+}

@@ -29,14 +29,11 @@ func benchModesCommand() *cobra.Command {
 		Short: "Measure redirect mode against bind mode (and a direct connection) in one lab",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			self, err := os.Executable()
+			tools, err := labTools(proxyBin)
 			if err != nil {
 				return err
 			}
-			if proxyBin == "" {
-				proxyBin = filepath.Join(filepath.Dir(self), "kube-userspace-proxy")
-			}
-			return benchModes(lab.Tools{Proxy: proxyBin, Helper: self}, duration, repeat)
+			return benchModes(tools, duration, repeat)
 		},
 	}
 	cmd.Flags().StringVar(&proxyBin, "proxy", "", "the kube-userspace-proxy binary (default: next to kup-lab)")

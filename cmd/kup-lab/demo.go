@@ -37,14 +37,11 @@ func demoCommand() *cobra.Command {
 		Short: "Tell the Service story in a network-namespace lab, with real output",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			self, err := os.Executable()
+			tools, err := labTools(proxyBin)
 			if err != nil {
 				return err
 			}
-			if proxyBin == "" {
-				proxyBin = filepath.Join(filepath.Dir(self), "kube-userspace-proxy")
-			}
-			d := &demo{tools: lab.Tools{Proxy: proxyBin, Helper: self}, manifest: manifestPath}
+			d := &demo{tools: tools, manifest: manifestPath}
 			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 			defer stop()
 			return d.run(ctx)

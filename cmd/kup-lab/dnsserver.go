@@ -40,11 +40,7 @@ func dnsCommand() *cobra.Command {
 				}
 				w.WriteMsg(m)
 			})
-			pc, err := net.ListenPacket("udp", listen)
-			if err != nil {
-				return err
-			}
-			ln, err := net.Listen("tcp", listen)
+			pc, ln, err := listenBoth(listen)
 			if err != nil {
 				return err
 			}

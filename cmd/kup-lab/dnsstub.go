@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"net"
 	"os/signal"
 	"slices"
 	"syscall"
@@ -35,11 +34,7 @@ func dnsStubCommand() *cobra.Command {
 				return err
 			}
 			s.SetZone(dnsstub.NewZone(domain, s.TTL(), snap))
-			pc, err := net.ListenPacket("udp", listen)
-			if err != nil {
-				return err
-			}
-			ln, err := net.Listen("tcp", listen)
+			pc, ln, err := listenBoth(listen)
 			if err != nil {
 				return err
 			}

@@ -11,12 +11,15 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
 	"time"
 
 	"github.com/spf13/cobra"
+
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/integration/lab"
 )
 
 func main() {
@@ -182,4 +185,31 @@ func udpCommand() *cobra.Command {
 	cmd.Flags().IntVar(&size, "size", 16, "payload size in bytes")
 	cmd.Flags().DurationVar(&timeout, "timeout", 2*time.Second, "how long to wait for each reply")
 	return cmd
+}
+
+// labTools names the binaries the lab runs: kup-lab itself, and the proxy,
+// by default next to it.
+func labTools(proxyBin string) (lab.Tools, error) {
+	self, err := os.Executable()
+	if err != nil {
+		return lab.Tools{}, err
+	}
+	if proxyBin == "" {
+		proxyBin = filepath.Join(filepath.Dir(self), "kube-userspace-proxy")
+	}
+	return lab.Tools{Proxy: proxyBin, Helper: self}, nil
+}
+
+// listenBoth opens UDP and TCP on one address, as a DNS server needs.
+func listenBoth(addr string) (net.PacketConn, net.Listener, error) {
+	pc, err := net.ListenPacket("udp", addr)
+	if err != nil {
+		return nil, nil, err
+	}
+	ln, err := net.Listen("tcp", pc.LocalAddr().String())
+	if err != nil {
+		pc.Close()
+		return nil, nil, err
+	}
+	return pc, ln, nil
 }
