@@ -132,6 +132,27 @@ func serviceStory(t *testing.T, mode string) {
 		check(t)
 	})
 
+	t.Run("metrics and health after the 300 connections", func(t *testing.T) {
+		out, err := l.Node.Curl(ctx, "http://127.0.0.1:10249/metrics")
+		if err != nil {
+			t.Fatal(err)
+		}
+		ok := metricValue(out, `kube_userspace_proxy_connections_total{protocol="TCP",result="ok"}`)
+		if ok < 300 {
+			t.Errorf("connections_total ok = %v, want at least the 300 just made", ok)
+		}
+		if metricValue(out, "kubeproxy_sync_proxy_rules_duration_seconds_count") < 1 || metricValue(out, `kube_userspace_proxy_bytes_total{direction="from_backend",protocol="TCP"}`) <= 0 {
+			t.Errorf("no sync or no bytes counted:\n%s", out)
+		}
+		for _, path := range []string{"healthz", "livez"} {
+			body, err := l.Node.Curl(ctx, "http://127.0.0.1:10256/"+path)
+			if err != nil || !strings.Contains(body, `"lastUpdated"`) || (path == "healthz") != strings.Contains(body, `"nodeEligible":true`) {
+				t.Errorf("/%s = %q, %v", path, body, err)
+			}
+		}
+		check(t)
+	})
+
 	t.Run("6 one of 3 backends dies: failover, no failed request", func(t *testing.T) {
 		// The pod's server is killed but the manifest still lists it as
 		// ready, as in the seconds before a kubelet notices: the proxy
@@ -267,4 +288,18 @@ func ourAddresses(t *testing.T, l *lab.Lab) string {
 		}
 	}
 	return strings.Join(ours, "\n")
+}
+
+// metricValue finds the value of one series in Prometheus text output; -1
+// when it is not there.
+func metricValue(text, series string) float64 {
+	for line := range strings.Lines(text) {
+		if name, value, ok := strings.Cut(strings.TrimSpace(line), " "); ok && name == series {
+			var v float64
+			if _, err := fmt.Sscan(value, &v); err == nil {
+				return v
+			}
+		}
+	}
+	return -1
 }

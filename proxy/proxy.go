@@ -76,6 +76,10 @@ type Config struct {
 	// Registry collects the proxy's metrics, served on /metrics. Nil means
 	// a new one.
 	Registry *prometheus.Registry
+	// HealthzBindAddress is where /healthz and /livez are served
+	// (--healthz-bind-address, kube-proxy's 0.0.0.0:10256); empty means
+	// nowhere.
+	HealthzBindAddress string
 	// MetricsBindAddress is where /proxyMode is served
 	// (--metrics-bind-address, kube-proxy's 127.0.0.1:10249); empty means
 	// nowhere.
@@ -114,6 +118,16 @@ func Run(ctx context.Context, cfg Config) error {
 	if err != nil {
 		return err
 	}
+	if cfg.Listeners.Metrics == nil {
+		if cfg.Listeners.Metrics, err = userspace.NewMetrics(cfg.Registry); err != nil {
+			return err
+		}
+	}
+	hm, err := newHealthMetrics(cfg.Registry)
+	if err != nil {
+		return err
+	}
+	hl := &health{timeout: 2 * cfg.syncPeriod(), now: time.Now}
 	listeners, err := userspace.New(cfg.Listeners)
 	if err != nil {
 		return err
@@ -140,12 +154,14 @@ func Run(ctx context.Context, cfg Config) error {
 		"manifests":      cfg.Manifests,
 	}).Info("Starting kube-userspace-proxy")
 
-	p := &proxier{log: log, listeners: listeners, front: front, dns: dns, stub: stub}
+	p := &proxier{log: log, listeners: listeners, front: front, dns: dns, stub: stub, health: hl, metrics: hm}
 	snaps := make(chan service.Snapshot, 1)
 	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error {
 		w := &manifest.Watcher{Path: cfg.Manifests, Log: log}
 		err := w.Run(ctx, func(objs *manifest.Objects) {
+			hl.queued()
+			hm.lastQueued.SetToCurrentTime()
 			offer(snaps, p.build(objs, cfg.NodeName))
 		})
 		if err != nil {
@@ -159,6 +175,9 @@ func Run(ctx context.Context, cfg Config) error {
 	})
 	if stub != nil {
 		g.Go(func() error { return stub.Serve(ctx, dnsPC, dnsLn) })
+	}
+	if cfg.HealthzBindAddress != "" {
+		g.Go(func() error { return serveHealth(ctx, cfg.HealthzBindAddress, hl, hm, log) })
 	}
 	if cfg.MetricsBindAddress != "" {
 		g.Go(func() error { return serveStatus(ctx, cfg.MetricsBindAddress, front.mode(), cfg.Registry, log) })
@@ -216,6 +235,8 @@ type proxier struct {
 	front     frontend
 	dns       *dnsTarget      // nil without a DNS stub
 	stub      *dnsstub.Server // nil without a DNS stub
+	health    *health
+	metrics   *healthMetrics
 	current   service.Snapshot
 	bound     map[service.Key][]netip.AddrPort
 }
@@ -278,6 +299,9 @@ func (p *proxier) apply(s service.Snapshot) {
 	p.listeners.CloseUnused()
 	p.logChanges(s, bound)
 	p.current, p.bound = s, bound
+	p.health.updated()
+	p.metrics.syncDuration.Observe(time.Since(start).Seconds())
+	p.metrics.lastSync.SetToCurrentTime()
 	p.log.WithFields(logrus.Fields{"servicePorts": len(s.Ports), "duration": time.Since(start).Round(time.Microsecond)}).Debug("Synced")
 }
 

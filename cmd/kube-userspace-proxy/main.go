@@ -47,6 +47,7 @@ type options struct {
 	iptablesBackend  string
 	mode             string
 	metricsAddr      string
+	healthzAddr      string
 	clusterDNS       string
 	clusterDomain    string
 	dnsUpstreams     []string
@@ -106,7 +107,8 @@ and carries each connection to one of the Service's pods, round robin.`,
 	f.StringVar(&o.clusterDomain, "cluster-domain", "cluster.local", "the cluster's DNS domain")
 	f.StringSliceVar(&o.dnsUpstreams, "dns-upstream", nil, "DNS servers (IP or IP:port) for names outside the cluster domain (default: the node's /etc/resolv.conf, loopback servers skipped)")
 	f.DurationVar(&o.dnsTTL, "dns-ttl", 5*time.Second, "TTL of the DNS stub's records")
-	f.StringVar(&o.metricsAddr, "metrics-bind-address", "127.0.0.1:10249", "where /proxyMode is served (host:port; empty for nowhere)")
+	f.StringVar(&o.metricsAddr, "metrics-bind-address", "127.0.0.1:10249", "where /metrics and /proxyMode are served (host:port; empty for nowhere)")
+	f.StringVar(&o.healthzAddr, "healthz-bind-address", "0.0.0.0:10256", "where /healthz and /livez are served (host:port; empty for nowhere)")
 	f.StringVar(&o.iptablesBackend, "iptables-backend", "auto", "iptables backend: legacy, nft, or auto (the one the node already uses)")
 	f.StringVar(&o.hostnameOverride, "hostname-override", "", "this node's name, for internalTrafficPolicy Local; default the lower-cased hostname")
 	f.BoolVar(&o.cleanup, "cleanup", false, "remove our iptables chains and rules from every backend, then exit")
@@ -210,9 +212,12 @@ func (o *options) config(log logrus.FieldLogger) (proxy.Config, error) {
 	if o.dnsTTL < time.Second || o.dnsTTL > time.Hour {
 		errs = append(errs, fmt.Errorf("--dns-ttl %s: want 1s to 1h", o.dnsTTL))
 	}
-	if o.metricsAddr != "" {
-		if _, _, err := net.SplitHostPort(o.metricsAddr); err != nil {
-			errs = append(errs, fmt.Errorf("--metrics-bind-address %q: want host:port, such as 127.0.0.1:10249", o.metricsAddr))
+	for flag, addr := range map[string]string{"--metrics-bind-address": o.metricsAddr, "--healthz-bind-address": o.healthzAddr} {
+		if addr == "" {
+			continue
+		}
+		if _, _, err := net.SplitHostPort(addr); err != nil {
+			errs = append(errs, fmt.Errorf("%s %q: want host:port, such as 127.0.0.1:10249", flag, addr))
 		}
 	}
 	if o.manifests == "" {
@@ -239,6 +244,7 @@ func (o *options) config(log logrus.FieldLogger) (proxy.Config, error) {
 		},
 		Mode:               o.mode,
 		MetricsBindAddress: o.metricsAddr,
+		HealthzBindAddress: o.healthzAddr,
 		ClusterDNS:         clusterDNS,
 		ClusterDomain:      o.clusterDomain,
 		DNSUpstreams:       upstreams,

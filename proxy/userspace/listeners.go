@@ -51,6 +51,9 @@ type Config struct {
 	// Log receives what cannot be returned: per-connection failures.
 	// Nil discards it.
 	Log logrus.FieldLogger
+	// Metrics counts connections, bytes and sockets. Nil counts into
+	// metrics registered nowhere.
+	Metrics *Metrics
 }
 
 // DefaultUDPTimeout is upstream's --udp-timeout default.
@@ -134,6 +137,7 @@ type portListener struct {
 	proto   service.Protocol
 	bal     balancer.Balancer
 	log     logrus.FieldLogger
+	m       *protoMetrics
 	sockets map[netip.AddrPort]socket // by the address asked for
 }
 
@@ -154,6 +158,9 @@ func New(cfg Config) (*Listeners, error) {
 	}
 	if a := cfg.BindAddress; a.IsValid() && !a.Is4() {
 		return nil, fmt.Errorf("--bind-address %s: only IPv4 bind addresses are supported so far", a)
+	}
+	if cfg.Metrics == nil {
+		cfg.Metrics, _ = NewMetrics(nil) // registers nothing: cannot fail
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	return &Listeners{
@@ -196,7 +203,8 @@ func (ls *Listeners) Sync(s service.Snapshot, binds Binds) (map[service.Key][]ne
 		}
 		l, ok := ls.active[p.Key()]
 		if !ok {
-			l = &portListener{set: ls, name: p.Name, proto: p.Protocol, log: ls.log.WithField("service", p.Name.String()), sockets: map[netip.AddrPort]socket{}}
+			l = &portListener{set: ls, name: p.Name, proto: p.Protocol, log: ls.log.WithField("service", p.Name.String()),
+				m: ls.cfg.Metrics.forProtocol(p.Protocol), sockets: map[netip.AddrPort]socket{}}
 			ls.active[p.Key()] = l
 		}
 		l.bal.Update(p.Endpoints, p.Affinity)
@@ -216,6 +224,7 @@ func (ls *Listeners) Sync(s service.Snapshot, binds Binds) (map[service.Key][]ne
 					continue
 				}
 				l.sockets[want] = sock
+				l.m.sockets.Inc()
 			}
 			bound[p.Key()] = append(bound[p.Key()], sock.addr())
 		}
@@ -233,6 +242,7 @@ func (ls *Listeners) CloseUnused() {
 		for want, sock := range l.sockets {
 			if !wanted[want] {
 				ls.closeSocket(want, sock)
+				l.m.sockets.Dec()
 				delete(l.sockets, want)
 			}
 		}
@@ -257,6 +267,7 @@ func (ls *Listeners) Close() {
 	for k, l := range ls.active {
 		for want, sock := range l.sockets {
 			ls.closeSocket(want, sock)
+			l.m.sockets.Dec()
 		}
 		delete(ls.active, k)
 	}

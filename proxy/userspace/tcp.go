@@ -54,6 +54,7 @@ func (s *tcpSocket) serve() {
 			// EMFILE and friends: back off and try again instead of
 			// crashing the node's Service traffic as upstream did.
 			s.l.log.WithError(err).Warn("Accept failed; backing off")
+			s.l.m.acceptErrs.Inc()
 			time.Sleep(acceptBackoff(failures))
 			failures++
 			continue
@@ -75,12 +76,14 @@ func (l *portListener) handle(client *net.TCPConn) {
 		// RST, so the client sees "connection reset" before any data
 		// instead of waiting on a connection that will never answer.
 		client.SetLinger(0)
+		l.m.noEndpoints.Inc()
 		l.log.WithField("client", client.RemoteAddr()).Debug("Refused connection: service has no endpoints")
 		return
 	}
 	backend, endpoint, err := l.dial(l.set.ctx, choice)
 	if err != nil {
 		client.SetLinger(0)
+		l.m.dialError.Inc()
 		l.log.WithError(err).WithField("client", client.RemoteAddr()).Warn("Dropped connection: no endpoint answered")
 		return
 	}
@@ -92,7 +95,12 @@ func (l *portListener) handle(client *net.TCPConn) {
 	if endpoint != choice.Endpoint(0) {
 		l.bal.Connected(clientIP, endpoint)
 	}
-	splice(client, backend, l.set.cfg.halfCloseTimeout())
+	l.m.ok.Inc()
+	l.m.active.Inc()
+	toBackend, fromBackend := splice(client, backend, l.set.cfg.halfCloseTimeout())
+	l.m.active.Dec()
+	l.m.toBackend.Add(float64(toBackend))
+	l.m.fromBackend.Add(float64(fromBackend))
 }
 
 // dial tries the endpoints of choice in order, one per timeout of
@@ -103,9 +111,13 @@ func (l *portListener) dial(ctx context.Context, choice balancer.Choice) (*net.T
 		ep := choice.Endpoint(attempt)
 		d := net.Dialer{Timeout: timeout, KeepAliveConfig: keepAlive}
 		c, err := d.DialContext(ctx, "tcp", ep.String())
+		if attempt > 0 {
+			l.m.dialRetries.Inc()
+		}
 		if err == nil {
 			return c.(*net.TCPConn), ep, nil
 		}
+		l.m.dialErrors.Inc()
 		errs = append(errs, err)
 		l.log.WithError(err).WithField("endpoint", ep).Debug("Dial failed; trying the next endpoint")
 		if ctx.Err() != nil {
@@ -119,15 +131,16 @@ func (l *portListener) dial(ctx context.Context, choice balancer.Choice) (*net.T
 // done. Between two bare *net.TCPConn, io.Copy uses splice(2) on Linux: the
 // bytes go from socket to socket through a kernel pipe and never into our
 // memory. One direction runs in a goroutine of its own, the other in the
-// caller's.
-func splice(a, b *net.TCPConn, halfCloseTimeout time.Duration) {
+// caller's. It returns the bytes copied from a to b and from b to a.
+func splice(a, b *net.TCPConn, halfCloseTimeout time.Duration) (aToB, bToA int64) {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		proxyCopy(b, a, halfCloseTimeout)
+		aToB = proxyCopy(b, a, halfCloseTimeout)
 	}()
-	proxyCopy(a, b, halfCloseTimeout)
+	bToA = proxyCopy(a, b, halfCloseTimeout)
 	<-done
+	return aToB, bToA
 }
 
 // proxyCopy copies one direction, from src to dst, and decides what its end
@@ -138,18 +151,19 @@ func splice(a, b *net.TCPConn, halfCloseTimeout time.Duration) {
 // the whole reply. From then on the other direction has halfCloseTimeout to
 // finish, so a peer that never closes cannot hold both sockets forever
 // (kubernetes#18354). An error closes both connections, which ends the other
-// direction too.
-func proxyCopy(dst, src *net.TCPConn, halfCloseTimeout time.Duration) {
-	_, err := io.Copy(dst, src)
+// direction too. It returns the bytes copied.
+func proxyCopy(dst, src *net.TCPConn, halfCloseTimeout time.Duration) int64 {
+	n, err := io.Copy(dst, src)
 	if err == nil {
 		err = dst.CloseWrite()
 	}
 	if err != nil {
 		src.Close()
 		dst.Close()
-		return
+		return n
 	}
 	deadline := time.Now().Add(halfCloseTimeout)
 	src.SetDeadline(deadline)
 	dst.SetDeadline(deadline)
+	return n
 }

@@ -32,6 +32,7 @@ type udpSocket struct {
 	set *Listeners
 	bal *balancer.Balancer
 	log logrus.FieldLogger
+	m   *protoMetrics
 
 	mu       sync.Mutex
 	sessions map[netip.AddrPort]*udpSession
@@ -72,6 +73,7 @@ func (l *portListener) listenUDP(addr netip.AddrPort) (socket, error) {
 		set:      l.set,
 		bal:      &l.bal,
 		log:      l.log,
+		m:        l.m,
 		sessions: make(map[netip.AddrPort]*udpSession),
 	}
 	l.set.goroutine(s.serve)
@@ -129,6 +131,7 @@ func (u *udpSocket) serve() {
 		}
 		if err != nil {
 			u.log.WithError(err).Warn("UDP read failed; backing off")
+			u.m.acceptErrs.Inc()
 			time.Sleep(acceptBackoff(failures))
 			failures++
 			continue
@@ -153,6 +156,7 @@ func (u *udpSocket) forward(client netip.AddrPort, local netip.Addr, b []byte) {
 		}
 		s.touch()
 		if _, err := s.backend.Write(b); err == nil {
+			u.m.toBackend.Add(float64(len(b)))
 			return
 		}
 		u.end(s) // a broken session; the second round makes a new one
@@ -172,6 +176,7 @@ func (u *udpSocket) session(client netip.AddrPort, local netip.Addr) *udpSession
 	}
 	choice := u.bal.Pick(client.Addr())
 	if choice.Len() == 0 {
+		u.m.noEndpoints.Inc()
 		return nil
 	}
 	var backend *net.UDPConn
@@ -179,13 +184,18 @@ func (u *udpSocket) session(client netip.AddrPort, local netip.Addr) *udpSession
 	for attempt := range choice.Len() {
 		ep = choice.Endpoint(attempt)
 		c, err := net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(ep))
+		if attempt > 0 {
+			u.m.dialRetries.Inc()
+		}
 		if err == nil {
 			backend = c
 			break
 		}
+		u.m.dialErrors.Inc()
 		u.log.WithError(err).WithField("endpoint", ep).Debug("UDP connect failed; trying the next endpoint")
 	}
 	if backend == nil {
+		u.m.dialError.Inc()
 		return nil
 	}
 	if ep != choice.Endpoint(0) {
@@ -203,7 +213,12 @@ func (u *udpSocket) session(client netip.AddrPort, local netip.Addr) *udpSession
 		return nil
 	}
 	u.sessions[client] = s
-	u.set.goroutine(func() { u.replies(s) })
+	u.m.ok.Inc()
+	u.m.active.Inc()
+	u.set.goroutine(func() {
+		defer u.m.active.Dec()
+		u.replies(s)
+	})
 	return s
 }
 
@@ -234,6 +249,7 @@ func (u *udpSocket) replies(s *udpSession) {
 				s.backend.SetReadDeadline(last.Add(timeout))
 				continue // the client sent something meanwhile
 			}
+			u.m.expired.Inc()
 			return
 		}
 		if err != nil {
@@ -243,6 +259,7 @@ func (u *udpSocket) replies(s *udpSession) {
 			return
 		}
 		s.touch()
+		u.m.fromBackend.Add(float64(n))
 		if _, _, err := u.pc.WriteMsgUDPAddrPort(buf[:n], s.oob, s.client); err != nil {
 			if errors.Is(err, net.ErrClosed) {
 				return

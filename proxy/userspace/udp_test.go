@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/service"
 )
 
@@ -134,7 +136,8 @@ func TestUDPSessionPerClient(t *testing.T) {
 }
 
 func TestUDPSessionIdleTimeout(t *testing.T) {
-	ls := newSet(t, Config{UDPTimeout: 150 * time.Millisecond})
+	m, _ := NewMetrics(nil)
+	ls := newSet(t, Config{UDPTimeout: 150 * time.Millisecond, Metrics: m})
 	addr := listen(t, ls, snap(t, udpPort(udpBackend(t, "a"))), udpPort().Key())
 	c := dialUDP(t, addr)
 	// Traffic more often than the timeout keeps the one session alive.
@@ -147,6 +150,9 @@ func TestUDPSessionIdleTimeout(t *testing.T) {
 	}
 	// Silence ends it.
 	waitSessions(t, ls, udpPort().Key(), 0)
+	if got := testutil.ToFloat64(m.expired); got != 1 {
+		t.Errorf("udp_sessions_expired_total = %v, want 1", got)
+	}
 	// And the next datagram starts a new one.
 	if got := exchange(t, c, []byte("again")); got != "a" {
 		t.Errorf("after expiry answered by %q", got)

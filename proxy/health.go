@@ -1,0 +1,123 @@
+package proxy
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/sirupsen/logrus"
+)
+
+// health is kube-proxy's staleness rule (pkg/proxy/healthcheck): the proxy
+// is unhealthy when a change has waited longer than timeout (2 x the sync
+// period) to be applied; healthy while starting and whenever nothing waits.
+type health struct {
+	timeout time.Duration
+	now     func() time.Time
+
+	mu          sync.Mutex
+	lastQueued  time.Time // oldest change not applied yet; zero when none
+	lastUpdated time.Time // last successful apply
+}
+
+// queued records that a change waits to be applied.
+func (h *health) queued() {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.lastQueued.IsZero() {
+		h.lastQueued = h.now()
+	}
+}
+
+// updated records a successful apply of everything queued so far.
+func (h *health) updated() {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.lastQueued = time.Time{}
+	h.lastUpdated = h.now()
+}
+
+// status reports whether the proxy is healthy, with the times to show.
+func (h *health) status() (healthy bool, lastUpdated, now time.Time) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	now = h.now()
+	healthy = h.lastQueued.IsZero() || now.Sub(h.lastQueued) <= h.timeout
+	return healthy, h.lastUpdated, now
+}
+
+// healthMetrics are kube-proxy's probe counters and sync metrics, with
+// kube-proxy's names and buckets so that its dashboards work.
+type healthMetrics struct {
+	healthz, livez *prometheus.CounterVec
+	syncDuration   prometheus.Histogram
+	lastSync       prometheus.Gauge
+	lastQueued     prometheus.Gauge
+}
+
+func newHealthMetrics(reg prometheus.Registerer) (*healthMetrics, error) {
+	m := &healthMetrics{
+		healthz: prometheus.NewCounterVec(prometheus.CounterOpts{Subsystem: "kubeproxy", Name: "proxy_healthz_total",
+			Help: "Cumulative proxy healthz HTTP status"}, []string{"code"}),
+		livez: prometheus.NewCounterVec(prometheus.CounterOpts{Subsystem: "kubeproxy", Name: "proxy_livez_total",
+			Help: "Cumulative proxy livez HTTP status"}, []string{"code"}),
+		syncDuration: prometheus.NewHistogram(prometheus.HistogramOpts{Subsystem: "kubeproxy", Name: "sync_proxy_rules_duration_seconds",
+			Help: "SyncProxyRules latency in seconds", Buckets: prometheus.ExponentialBuckets(0.001, 2, 15)}),
+		lastSync: prometheus.NewGauge(prometheus.GaugeOpts{Subsystem: "kubeproxy", Name: "sync_proxy_rules_last_timestamp_seconds",
+			Help: "The last time proxy rules were successfully synced"}),
+		lastQueued: prometheus.NewGauge(prometheus.GaugeOpts{Subsystem: "kubeproxy", Name: "sync_proxy_rules_last_queued_timestamp_seconds",
+			Help: "The last time a sync of proxy rules was queued"}),
+	}
+	for _, c := range []prometheus.Collector{m.healthz, m.livez, m.syncDuration, m.lastSync, m.lastQueued} {
+		if err := reg.Register(c); err != nil {
+			return nil, err
+		}
+	}
+	return m, nil
+}
+
+// serveHealth serves /healthz and /livez on addr until ctx is done, with
+// kube-proxy's JSON bodies. Without a Node to watch (the manifest source),
+// the node is always eligible, so /healthz and /livez agree.
+func serveHealth(ctx context.Context, addr string, h *health, m *healthMetrics, log logrus.FieldLogger) error {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("--healthz-bind-address %s: %w", addr, err)
+	}
+	probe := func(counter *prometheus.CounterVec, withNode bool) http.HandlerFunc {
+		return func(w http.ResponseWriter, _ *http.Request) {
+			healthy, last, now := h.status()
+			body := map[string]any{"lastUpdated": last, "currentTime": now}
+			if withNode {
+				body["nodeEligible"] = true
+			}
+			code := http.StatusOK
+			if !healthy {
+				code = http.StatusServiceUnavailable
+			}
+			counter.WithLabelValues(strconv.Itoa(code)).Inc()
+			w.Header().Set("Content-Type", "application/json")
+			w.Header().Set("X-Content-Type-Options", "nosniff")
+			w.WriteHeader(code)
+			json.NewEncoder(w).Encode(body)
+		}
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/healthz", probe(m.healthz, true))
+	mux.Handle("/livez", probe(m.livez, false))
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	stop := context.AfterFunc(ctx, func() { srv.Close() })
+	defer stop()
+	log.WithField("address", ln.Addr().String()).Info("Serving /healthz and /livez")
+	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}
