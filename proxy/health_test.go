@@ -15,8 +15,8 @@ func TestHealthStaleness(t *testing.T) {
 		do   func()
 		want bool
 	}{
-		{func() {}, true},                            // starting
-		{h.queued, true},                             // a change waits
+		{func() {}, true}, // starting
+		{h.queued, true},  // a change waits
 		{func() { now = now.Add(59 * time.Second) }, true},
 		{h.queued, true}, // a later change does not restart the clock
 		{func() { now = now.Add(2 * time.Second) }, false},
