@@ -48,6 +48,8 @@ type options struct {
 	mode             string
 	metricsAddr      string
 	healthzAddr      string
+	configFile       string
+	writeConfigTo    string
 	clusterDNS       string
 	clusterDomain    string
 	dnsUpstreams     []string
@@ -96,6 +98,8 @@ and carries each connection to one of the Service's pods, round robin.`,
 		return err
 	})
 	f := cmd.Flags()
+	f.StringVar(&o.configFile, "config", "", "a KubeProxyConfiguration file (kubeproxy.config.k8s.io/v1alpha1), as kubeadm writes it; flags given on the command line win")
+	f.StringVar(&o.writeConfigTo, "write-config-to", "", "write the effective settings as a KubeProxyConfiguration to this file and exit")
 	f.StringVar(&o.manifests, "manifests", "", "file or directory of YAML/JSON Services, EndpointSlices and Pods to serve; re-read when it changes")
 	f.StringVar(&o.bindAddress, "bind-address", "0.0.0.0", "node IPv4 address the listeners bind to; 0.0.0.0 for all (iptables then uses REDIRECT, otherwise DNAT to this address)")
 	f.StringVar(&o.proxyPortRange, "proxy-port-range", "", "node ports for our listeners: begin-end, begin+offset, or empty for ports the kernel chooses")
@@ -127,6 +131,11 @@ func (o *options) run(cmd *cobra.Command) error {
 	if err != nil {
 		return err
 	}
+	if o.configFile != "" {
+		if err := o.loadConfig(o.configFile, cmd.Flags(), log); err != nil {
+			return err
+		}
+	}
 	if o.cleanup {
 		if err := proxy.Cleanup(log); err != nil {
 			return fmt.Errorf("encountered an error while tearing down rules: %w", err)
@@ -136,6 +145,12 @@ func (o *options) run(cmd *cobra.Command) error {
 	cfg, err := o.config(log)
 	if err != nil {
 		return err
+	}
+	if o.writeConfigTo != "" {
+		if err := o.writeConfig(o.writeConfigTo); err != nil {
+			return fmt.Errorf("--write-config-to: %w", err)
+		}
+		return nil
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
@@ -220,7 +235,7 @@ func (o *options) config(log logrus.FieldLogger) (proxy.Config, error) {
 			errs = append(errs, fmt.Errorf("%s %q: want host:port, such as 127.0.0.1:10249", flag, addr))
 		}
 	}
-	if o.manifests == "" {
+	if o.manifests == "" && o.writeConfigTo == "" {
 		errs = append(errs, errors.New("--manifests: required (a file or directory of Services, EndpointSlices and Pods)"))
 	}
 	nodeName := o.hostnameOverride

@@ -2,6 +2,8 @@ package main
 
 import (
 	"bytes"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 )
@@ -58,5 +60,48 @@ func TestVersion(t *testing.T) {
 	out, err := execute("--version")
 	if err != nil || out != "kube-userspace-proxy "+version+"\n" {
 		t.Errorf("--version = %q, %v", out, err)
+	}
+}
+
+// TestKubeadmConfigAccepted: the KubeProxyConfiguration kubeadm writes into
+// the kube-proxy ConfigMap loads unchanged, and --write-config-to shows what
+// was taken from it (and that a flag wins over the file).
+func TestKubeadmConfigAccepted(t *testing.T) {
+	out := filepath.Join(t.TempDir(), "effective.yaml")
+	if _, err := execute("--config", "testdata/kubeadm-config.conf", "--proxy-port-range", "30000-30999", "--write-config-to", out); err != nil {
+		t.Fatalf("kubeadm's config: %v", err)
+	}
+	got, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"apiVersion: kubeproxy.config.k8s.io/v1alpha1", "kind: KubeProxyConfiguration", "bindAddress: 0.0.0.0", "portRange: 30000-30999", "syncPeriod: 30s"} {
+		if !strings.Contains(string(got), want) {
+			t.Errorf("effective config lacks %q:\n%s", want, got)
+		}
+	}
+	// What was written reads back.
+	if _, err := execute("--config", out, "--write-config-to", filepath.Join(t.TempDir(), "again.yaml")); err != nil {
+		t.Errorf("reading back --write-config-to output: %v", err)
+	}
+}
+
+func TestBadConfig(t *testing.T) {
+	tests := []struct{ body, want string }{
+		{"apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nbindAdress: 0.0.0.0\n", `unknown field "bindAdress"`},
+		{"apiVersion: v1\nkind: ConfigMap\n", "want apiVersion kubeproxy.config.k8s.io/v1alpha1, kind KubeProxyConfiguration"},
+		{"apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nbindAddress: 127.0.0.1\n", `KubeProxyConfiguration.bindAddress: Invalid value: "127.0.0.1"`},
+		{"apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nportRange: 9-1\n", `KubeProxyConfiguration.portRange: Invalid value: "9-1"`},
+		{"apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nhealthzBindAddress: nowhere\n", `KubeProxyConfiguration.healthzBindAddress: Invalid value: "nowhere"`},
+		{"apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nnodePortAddresses: [10.0.0.0/40]\n", `KubeProxyConfiguration.nodePortAddresses[0]: Invalid value: "10.0.0.0/40"`},
+		{"apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\niptables: {syncPeriod: -1s}\n", `KubeProxyConfiguration.iptables.syncPeriod: Invalid value: "-1s"`},
+	}
+	for _, tt := range tests {
+		path := filepath.Join(t.TempDir(), "config.yaml")
+		os.WriteFile(path, []byte(tt.body), 0o644)
+		_, err := execute("--config", path, "--manifests", "x")
+		if err == nil || !strings.Contains(err.Error(), tt.want) {
+			t.Errorf("config\n%s\nerror %v, want one containing %q", tt.body, err, tt.want)
+		}
 	}
 }
