@@ -166,4 +166,3 @@ func (o *options) writeConfig(path string) error {
 	header := fmt.Sprintf("# Written by kube-userspace-proxy %s on %s.\n", version, time.Now().UTC().Format(time.RFC3339))
 	return os.WriteFile(path, append([]byte(header), data...), 0o644)
 }
-
