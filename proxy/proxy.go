@@ -26,6 +26,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/sirupsen/logrus"
 	"golang.org/x/sync/errgroup"
+	v1 "k8s.io/api/core/v1"
+	discovery "k8s.io/api/discovery/v1"
+	"k8s.io/client-go/kubernetes"
 
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/dnsstub"
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/iptables"
@@ -34,14 +37,27 @@ import (
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/service"
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/snapshot"
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/userspace"
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/watch"
 )
 
 // Config is everything Run needs. Zero fields take the defaults their
 // comments give.
 type Config struct {
 	// Manifests is the file or directory of Services, EndpointSlices and
-	// Pods to serve (--manifests).
+	// Pods to serve (--manifests). When empty, Kubernetes is watched.
 	Manifests string
+	// Kubernetes is the API server's client, when the source is a cluster.
+	Kubernetes kubernetes.Interface
+	// ServiceProxyName selects the Services labelled
+	// service.kubernetes.io/service-proxy-name with it; empty selects those
+	// without the label (--service-proxy-name).
+	ServiceProxyName string
+	// MinSyncPeriod is the least time between two applies of cluster
+	// changes (--iptables-min-sync-period). Zero means 1s.
+	MinSyncPeriod time.Duration
+	// ConfigSyncPeriod is the informers' resync (--config-sync-period).
+	// Zero means 15m.
+	ConfigSyncPeriod time.Duration
 	// Listeners configures the listeners: bind address, port range,
 	// timeouts.
 	Listeners userspace.Config
@@ -108,8 +124,8 @@ func (c *Config) log() logrus.FieldLogger {
 // retried on the next change or sync.
 func Run(ctx context.Context, cfg Config) error {
 	log := cfg.log()
-	if cfg.Manifests == "" {
-		return errors.New("no source of Services: give --manifests PATH")
+	if cfg.Manifests == "" && cfg.Kubernetes == nil {
+		return errors.New("no source of Services: give --manifests PATH, or a cluster (--kubeconfig, --master, or in-cluster)")
 	}
 	if cfg.Registry == nil {
 		cfg.Registry = prometheus.NewRegistry()
@@ -151,18 +167,34 @@ func Run(ctx context.Context, cfg Config) error {
 		"mode":           front.mode(),
 		"bindAddress":    bindString(cfg.Listeners.BindAddress),
 		"proxyPortRange": cfg.Listeners.Ports.String(),
-		"manifests":      cfg.Manifests,
+		"source":         sourceName(&cfg),
 	}).Info("Starting kube-userspace-proxy")
 
 	p := &proxier{log: log, listeners: listeners, front: front, dns: dns, stub: stub, health: hl, metrics: hm}
 	snaps := make(chan service.Snapshot, 1)
 	g, ctx := errgroup.WithContext(ctx)
+	// Both sources end in the same place: Services and EndpointSlices,
+	// turned into one snapshot and offered to the apply loop.
+	publish := func(services []*v1.Service, slices []*discovery.EndpointSlice) {
+		hl.queued()
+		hm.lastQueued.SetToCurrentTime()
+		offer(snaps, p.build(services, slices, cfg.NodeName))
+	}
 	g.Go(func() error {
+		if cfg.Manifests == "" {
+			return watch.Run(ctx, watch.Config{
+				Client:           cfg.Kubernetes,
+				ServiceProxyName: cfg.ServiceProxyName,
+				ResyncPeriod:     cfg.ConfigSyncPeriod,
+				MinSyncPeriod:    cfg.MinSyncPeriod,
+				Log:              log,
+			}, publish)
+		}
 		w := &manifest.Watcher{Path: cfg.Manifests, Log: log}
 		err := w.Run(ctx, func(objs *manifest.Objects) {
-			hl.queued()
-			hm.lastQueued.SetToCurrentTime()
-			offer(snaps, p.build(objs, cfg.NodeName))
+			// Pods become EndpointSlices as a cluster's controller would
+			// make them.
+			publish(objs.Services, slices.Concat(objs.EndpointSlices, manifest.PodSlices(objs.Services, objs.Pods)))
 		})
 		if err != nil {
 			return fmt.Errorf("manifest %s: %w", cfg.Manifests, err)
@@ -241,12 +273,10 @@ type proxier struct {
 	bound     map[service.Key][]netip.AddrPort
 }
 
-// build makes the Snapshot for a manifest's objects: Pods become
-// EndpointSlices as a cluster's controller would make them, then everything
-// goes through the same conversion as a cluster's objects.
-func (p *proxier) build(objs *manifest.Objects, nodeName string) service.Snapshot {
-	all := append(slices.Clone(objs.EndpointSlices), manifest.PodSlices(objs.Services, objs.Pods)...)
-	s, warnings := snapshot.Build(objs.Services, all, nodeName)
+// build makes the Snapshot for Services and EndpointSlices, from either
+// source.
+func (p *proxier) build(services []*v1.Service, endpointSlices []*discovery.EndpointSlice, nodeName string) service.Snapshot {
+	s, warnings := snapshot.Build(services, endpointSlices, nodeName)
 	for _, w := range warnings {
 		p.log.WithError(w).Warn("Service port not proxied")
 	}
@@ -358,4 +388,11 @@ func listenerString(addrs []netip.AddrPort) string {
 		parts[i] = a.String()
 	}
 	return strings.Join(parts, ",")
+}
+
+func sourceName(cfg *Config) string {
+	if cfg.Manifests != "" {
+		return "manifests " + cfg.Manifests
+	}
+	return "kubernetes"
 }

@@ -51,6 +51,23 @@ func (o *options) loadConfig(path string, flags *pflag.FlagSet, log logrus.Field
 			apply()
 		}
 	}
+	if c.ClientConnection.Kubeconfig != "" {
+		set("kubeconfig", func() { o.kubeconfig = c.ClientConnection.Kubeconfig })
+	}
+	if d := c.IPTables.MinSyncPeriod.Duration; d != 0 {
+		if d < 0 {
+			errs = append(errs, field.Invalid(root.Child("iptables", "minSyncPeriod"), d.String(), "must be 0 or more"))
+		} else {
+			set("iptables-min-sync-period", func() { o.minSyncPeriod = d })
+		}
+	}
+	if d := c.ConfigSyncPeriod.Duration; d != 0 {
+		if d < 0 {
+			errs = append(errs, field.Invalid(root.Child("configSyncPeriod"), d.String(), "must be greater than 0"))
+		} else {
+			set("config-sync-period", func() { o.configSync = d })
+		}
+	}
 	if c.HostnameOverride != "" {
 		set("hostname-override", func() { o.hostnameOverride = c.HostnameOverride })
 	}
@@ -120,7 +137,6 @@ func (o *options) loadConfig(path string, flags *pflag.FlagSet, log logrus.Field
 // to a userspace proxy (or is not supported yet).
 func warnIgnored(c *proxyconfig.KubeProxyConfiguration, log logrus.FieldLogger) {
 	ignored := map[string]any{
-		"clientConnection.kubeconfig": c.ClientConnection.Kubeconfig,
 		"featureGates":                c.FeatureGates,
 		"ipvs":                        c.IPVS,
 		"nftables":                    c.NFTables,
@@ -129,12 +145,10 @@ func warnIgnored(c *proxyconfig.KubeProxyConfiguration, log logrus.FieldLogger) 
 		"iptables.masqueradeAll":      c.IPTables.MasqueradeAll,
 		"iptables.masqueradeBit":      c.IPTables.MasqueradeBit,
 		"iptables.localhostNodePorts": c.IPTables.LocalhostNodePorts,
-		"iptables.minSyncPeriod":      c.IPTables.MinSyncPeriod,
 		"clusterCIDR":                 c.ClusterCIDR,
 		"detectLocalMode":             c.DetectLocalMode,
 		"detectLocal":                 c.DetectLocal,
 		"oomScoreAdj":                 c.OOMScoreAdj,
-		"configSyncPeriod":            c.ConfigSyncPeriod,
 		"bindAddressHardFail":         c.BindAddressHardFail,
 		"enableProfiling":             c.EnableProfiling,
 		"showHiddenMetricsForVersion": c.ShowHiddenMetricsForVersion,
@@ -159,6 +173,9 @@ func (o *options) writeConfig(path string) error {
 	}
 	c.APIVersion, c.Kind = configAPIVersion, configKind
 	c.IPTables.SyncPeriod.Duration = o.syncPeriod
+	c.IPTables.MinSyncPeriod.Duration = o.minSyncPeriod
+	c.ConfigSyncPeriod.Duration = o.configSync
+	c.ClientConnection.Kubeconfig = o.kubeconfig
 	data, err := yaml.Marshal(&c)
 	if err != nil {
 		return err

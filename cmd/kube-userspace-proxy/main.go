@@ -14,11 +14,13 @@ package main
 import (
 	"context"
 	"errors"
+	"flag"
 	"fmt"
 	"net"
 	"net/netip"
 	"os"
 	"os/signal"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -26,6 +28,10 @@ import (
 	"github.com/miekg/dns"
 	"github.com/sirupsen/logrus"
 	"github.com/spf13/cobra"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+	"k8s.io/klog/v2"
 
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/dnsstub"
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/iptables"
@@ -49,6 +55,11 @@ type options struct {
 	metricsAddr      string
 	healthzAddr      string
 	configFile       string
+	kubeconfig       string
+	master           string
+	serviceProxyName string
+	minSyncPeriod    time.Duration
+	configSync       time.Duration
 	writeConfigTo    string
 	clusterDNS       string
 	clusterDomain    string
@@ -100,6 +111,11 @@ and carries each connection to one of the Service's pods, round robin.`,
 	f := cmd.Flags()
 	f.StringVar(&o.configFile, "config", "", "a KubeProxyConfiguration file (kubeproxy.config.k8s.io/v1alpha1), as kubeadm writes it; flags given on the command line win")
 	f.StringVar(&o.writeConfigTo, "write-config-to", "", "write the effective settings as a KubeProxyConfiguration to this file and exit")
+	f.StringVar(&o.kubeconfig, "kubeconfig", "", "kubeconfig of the cluster to serve (with neither this nor --master nor --manifests: the in-cluster configuration)")
+	f.StringVar(&o.master, "master", "", "the API server's address, overriding the kubeconfig's")
+	f.StringVar(&o.serviceProxyName, "service-proxy-name", "", "serve only the Services labelled service.kubernetes.io/service-proxy-name with this value (default: only those without the label, as kube-proxy)")
+	f.DurationVar(&o.minSyncPeriod, "iptables-min-sync-period", time.Second, "the least time between two applies of cluster changes; changes closer together are applied together")
+	f.DurationVar(&o.configSync, "config-sync-period", 15*time.Minute, "how often the informers resync their caches")
 	f.StringVar(&o.manifests, "manifests", "", "file or directory of YAML/JSON Services, EndpointSlices and Pods to serve; re-read when it changes")
 	f.StringVar(&o.bindAddress, "bind-address", "0.0.0.0", "node IPv4 address the listeners bind to; 0.0.0.0 for all (iptables then uses REDIRECT, otherwise DNAT to this address)")
 	f.StringVar(&o.proxyPortRange, "proxy-port-range", "", "node ports for our listeners: begin-end, begin+offset, or empty for ports the kernel chooses")
@@ -131,6 +147,11 @@ func (o *options) run(cmd *cobra.Command) error {
 	if err != nil {
 		return err
 	}
+	// client-go logs through klog; give it the same verbosity, so that
+	// -v 6 and up show its requests.
+	klogFlags := flag.NewFlagSet("klog", flag.ContinueOnError)
+	klog.InitFlags(klogFlags)
+	klogFlags.Set("v", strconv.Itoa(o.verbosity))
 	if o.configFile != "" {
 		if err := o.loadConfig(o.configFile, cmd.Flags(), log); err != nil {
 			return err
@@ -235,8 +256,19 @@ func (o *options) config(log logrus.FieldLogger) (proxy.Config, error) {
 			errs = append(errs, fmt.Errorf("%s %q: want host:port, such as 127.0.0.1:10249", flag, addr))
 		}
 	}
+	if o.minSyncPeriod < 0 {
+		errs = append(errs, fmt.Errorf("--iptables-min-sync-period %s: must be 0 or more", o.minSyncPeriod))
+	}
+	if o.configSync <= 0 {
+		errs = append(errs, fmt.Errorf("--config-sync-period %s: must be greater than 0", o.configSync))
+	}
+	var client kubernetes.Interface
 	if o.manifests == "" && o.writeConfigTo == "" {
-		errs = append(errs, errors.New("--manifests: required (a file or directory of Services, EndpointSlices and Pods)"))
+		c, err := o.kubeClient()
+		if err != nil {
+			errs = append(errs, err)
+		}
+		client = c
 	}
 	nodeName := o.hostnameOverride
 	if nodeName == "" {
@@ -257,6 +289,10 @@ func (o *options) config(log logrus.FieldLogger) (proxy.Config, error) {
 			UDPTimeout:  o.udpTimeout,
 			Log:         log,
 		},
+		Kubernetes:         client,
+		ServiceProxyName:   o.serviceProxyName,
+		MinSyncPeriod:      o.minSyncPeriod,
+		ConfigSyncPeriod:   o.configSync,
 		Mode:               o.mode,
 		MetricsBindAddress: o.metricsAddr,
 		HealthzBindAddress: o.healthzAddr,
@@ -296,4 +332,24 @@ func (o *options) logger() (*logrus.Logger, error) {
 		l.Level = logrus.InfoLevel
 	}
 	return l, nil
+}
+
+// kubeClient connects to the cluster named by --kubeconfig and --master, or,
+// with neither, to the one the proxy runs in (its ServiceAccount).
+func (o *options) kubeClient() (kubernetes.Interface, error) {
+	var rc *rest.Config
+	var err error
+	if o.kubeconfig == "" && o.master == "" {
+		if rc, err = rest.InClusterConfig(); err != nil {
+			return nil, fmt.Errorf("no source of Services: give --manifests PATH, or --kubeconfig/--master, or run in a cluster (%v)", err)
+		}
+	} else if rc, err = clientcmd.BuildConfigFromFlags(o.master, o.kubeconfig); err != nil {
+		return nil, fmt.Errorf("--kubeconfig %q --master %q: %w", o.kubeconfig, o.master, err)
+	}
+	rc.UserAgent = "kube-userspace-proxy/" + version
+	c, err := kubernetes.NewForConfig(rc)
+	if err != nil {
+		return nil, fmt.Errorf("API client: %w", err)
+	}
+	return c, nil
 }

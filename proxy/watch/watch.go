@@ -1,0 +1,138 @@
+// Package watch is the proxy's source in a cluster: client-go informers on
+// Services and EndpointSlices, as kube-proxy has them (its
+// cmd/kube-proxy/app/server.go and pkg/proxy/config).
+//
+// Informers keep a local cache of every object, updated by a watch on the
+// API server. Event handlers here only say "something changed"; one loop
+// then reads the whole cache and hands it on, so a burst of events becomes
+// one apply, and a delete, an endpoint moving from one slice to another or
+// a missed event can never leave stale state: the state is always rebuilt
+// from the cache, which is keyed per object (per slice name).
+package watch
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"github.com/sirupsen/logrus"
+	v1 "k8s.io/api/core/v1"
+	discovery "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/cache"
+)
+
+// LabelServiceProxyName is the label that hands a Service to a particular
+// proxy: kube-proxy ignores Services that carry it, and a proxy started with
+// --service-proxy-name NAME serves exactly those with that value.
+const LabelServiceProxyName = "service.kubernetes.io/service-proxy-name"
+
+// Config says what to watch. Zero fields take the defaults their comments
+// give.
+type Config struct {
+	Client kubernetes.Interface
+	// ServiceProxyName, when set, selects the Services labelled
+	// service.kubernetes.io/service-proxy-name=<it>; empty selects the
+	// Services without that label, as kube-proxy does.
+	ServiceProxyName string
+	// ResyncPeriod is the informers' resync (--config-sync-period). Zero
+	// means 15m, kube-proxy's default.
+	ResyncPeriod time.Duration
+	// MinSyncPeriod is the least time between two applies
+	// (--iptables-min-sync-period): changes closer together wait and are
+	// applied together. Zero means 1s.
+	MinSyncPeriod time.Duration
+	Log           logrus.FieldLogger
+}
+
+// Run starts the informers and waits until both have their first full list
+// (nothing is applied from a half-known cluster), then calls apply with
+// every Service and EndpointSlice: once, and again after changes, never
+// more often than MinSyncPeriod, never concurrently. It returns when ctx is
+// done, or with an error if the caches cannot sync.
+func Run(ctx context.Context, cfg Config, apply func([]*v1.Service, []*discovery.EndpointSlice)) error {
+	resync := cfg.ResyncPeriod
+	if resync == 0 {
+		resync = 15 * time.Minute
+	}
+	minSync := cfg.MinSyncPeriod
+	if minSync == 0 {
+		minSync = time.Second
+	}
+	selector := "!" + LabelServiceProxyName
+	if cfg.ServiceProxyName != "" {
+		selector = LabelServiceProxyName + "=" + cfg.ServiceProxyName
+	}
+
+	ctx, cancel := context.WithCancel(ctx)
+	// Services: only ours. Headless Services are watched too (kube-proxy
+	// skips them) because the DNS stub answers for them.
+	svcFactory := informers.NewSharedInformerFactoryWithOptions(cfg.Client, resync,
+		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.LabelSelector = selector }))
+	// EndpointSlices: all of them, headless ones included, for the same
+	// reason; the snapshot ignores those of Services it does not proxy.
+	sliceFactory := informers.NewSharedInformerFactory(cfg.Client, resync)
+	defer svcFactory.Shutdown()
+	defer sliceFactory.Shutdown()
+	defer cancel() // runs first: stops the informers, then Shutdown waits for them
+
+	changed := make(chan struct{}, 1)
+	nudge := func() {
+		select {
+		case changed <- struct{}{}:
+		default: // a sync is already pending
+		}
+	}
+	handler := cache.ResourceEventHandlerFuncs{
+		AddFunc:    func(any) { nudge() },
+		UpdateFunc: func(any, any) { nudge() },
+		DeleteFunc: func(any) { nudge() },
+	}
+	services := svcFactory.Core().V1().Services()
+	slices := sliceFactory.Discovery().V1().EndpointSlices()
+	if _, err := services.Informer().AddEventHandler(handler); err != nil {
+		return err
+	}
+	if _, err := slices.Informer().AddEventHandler(handler); err != nil {
+		return err
+	}
+	svcFactory.Start(ctx.Done())
+	sliceFactory.Start(ctx.Done())
+	if cfg.Log != nil {
+		cfg.Log.Info("Waiting for the Service and EndpointSlice caches to sync")
+	}
+	if !cache.WaitForCacheSync(ctx.Done(), services.Informer().HasSynced, slices.Informer().HasSynced) {
+		if ctx.Err() != nil {
+			return nil
+		}
+		return errors.New("the Service and EndpointSlice caches did not sync")
+	}
+
+	for {
+		svcs, err := services.Lister().List(labels.Everything())
+		if err != nil {
+			return err
+		}
+		eps, err := slices.Lister().List(labels.Everything())
+		if err != nil {
+			return err
+		}
+		apply(svcs, eps)
+		// Coalesce: wait for a change, then at least until MinSyncPeriod
+		// has passed since this apply.
+		next := time.Now().Add(minSync)
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-changed:
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(time.Until(next)):
+		}
+	}
+}
