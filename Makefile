@@ -14,11 +14,17 @@ GO ?= go
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo v0.0.0-dev)
 LDFLAGS := -X main.version=$(VERSION)
 
+# The real control plane of the API tests (etcd, kube-apiserver,
+# kube-controller-manager), built once per machine from the Go module proxy
+# and cached under a key of its module's go.sum and build script.
+KUBE_TESTENV_KEY := $(shell cat hack/kube-testenv/go.sum hack/kube-testenv/build.sh | sha256sum | cut -c1-16)
+export KUBE_TESTENV_BIN ?= $(HOME)/.cache/kube-testenv/$(KUBE_TESTENV_KEY)
+
 # System packages the tests, the lab and the benchmarks run.
 DEB_PACKAGES := iptables iproute2 curl nftables dnsutils
 BENCH_PACKAGES := iperf3 wrk haproxy socat
 
-.PHONY: all build test demo bench bench-modes dnsperf deps bench-deps netbench clean
+.PHONY: all build kube-testenv test demo bench bench-modes dnsperf deps bench-deps netbench clean
 
 all: build
 
@@ -33,7 +39,14 @@ deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-test: deps
+kube-testenv:
+	@if [ ! -x "$(KUBE_TESTENV_BIN)/kube-apiserver" ]; then \
+		echo "building the test control plane into $(KUBE_TESTENV_BIN) (about 9 minutes on a new machine)"; \
+		rm -rf "$(KUBE_TESTENV_BIN).tmp"; \
+		(cd hack/kube-testenv && ./build.sh "$(KUBE_TESTENV_BIN).tmp") && mv "$(KUBE_TESTENV_BIN).tmp" "$(KUBE_TESTENV_BIN)"; \
+	fi
+
+test: deps kube-testenv
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
 	$(GO) test -race -count=1 ./...

@@ -34,10 +34,14 @@ func (l *Lab) AddWeb(t Tools, w WebPod) (*Proc, error) {
 	return proc, nil
 }
 
-// StartProxy starts the proxy in the node namespace on manifest, with JSON
-// logs, and waits until it has programmed its first state.
+// StartProxy starts the proxy in the node namespace on manifest (none: the
+// extra arguments name its source), with JSON logs, and waits until it has
+// programmed its first state.
 func (l *Lab) StartProxy(t Tools, manifest string, extra ...string) (*Proc, error) {
-	args := append([]string{"--manifests", manifest, "--log-format", "json", "-v", "3"}, extra...)
+	args := append([]string{"--log-format", "json", "-v", "3"}, extra...)
+	if manifest != "" {
+		args = append(args, "--manifests", manifest)
+	}
 	proc, err := l.Start(l.Node, t.Proxy, args...)
 	if err != nil {
 		return nil, err

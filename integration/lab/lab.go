@@ -57,6 +57,8 @@ type Lab struct {
 	procs []*Proc
 	nss   []*NS
 	etcs  []string // /etc/netns/<name> folders we made
+
+	forwarders []*forwarder
 }
 
 // Pod is a pod namespace with its address.
@@ -335,9 +337,12 @@ func (p *Proc) Done() <-chan struct{} { return p.done }
 // namespaces, which takes their veths with them. It is safe to call twice.
 func (l *Lab) Close() error {
 	l.mu.Lock()
-	procs, nss, etcs := l.procs, l.nss, l.etcs
-	l.procs, l.nss, l.etcs = nil, nil, nil
+	procs, nss, etcs, fwds := l.procs, l.nss, l.etcs, l.forwarders
+	l.procs, l.nss, l.etcs, l.forwarders = nil, nil, nil, nil
 	l.mu.Unlock()
+	for _, f := range fwds {
+		f.close()
+	}
 	for _, p := range procs {
 		select {
 		case <-p.done:

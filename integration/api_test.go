@@ -1,0 +1,318 @@
+package integration
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	v1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/client-go/kubernetes"
+
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/integration/lab"
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/internal/kubetestenv"
+)
+
+var (
+	apiOnce sync.Once
+	apiEnv  *kubetestenv.Env
+	apiErr  error
+	apiDir  string
+)
+
+// controlPlane starts the package's real control plane on first use.
+// Without the binaries the test fails: CI builds them (make test).
+func controlPlane(t *testing.T) *kubetestenv.Env {
+	t.Helper()
+	apiOnce.Do(func() {
+		bin, err := kubetestenv.BinDir()
+		if err != nil {
+			apiErr = err
+			return
+		}
+		if apiDir, err = os.MkdirTemp("", "kup-controlplane-"); err != nil {
+			apiErr = err
+			return
+		}
+		apiEnv, apiErr = kubetestenv.Start(bin, apiDir)
+	})
+	if apiErr != nil {
+		t.Fatalf("control plane: %v", apiErr)
+	}
+	return apiEnv
+}
+
+// stopControlPlane is called by TestMain after the tests.
+func stopControlPlane() {
+	if apiEnv != nil {
+		apiEnv.Stop()
+	}
+	if apiDir != "" && os.Getenv("KUBETESTENV_KEEP") == "" {
+		os.RemoveAll(apiDir)
+	}
+}
+
+// kubelet plays the only part of a kubelet the tests need: it creates Pods
+// bound to a Node and reports them running and ready at the lab's address.
+type kubelet struct {
+	t    *testing.T
+	c    kubernetes.Interface
+	ns   string
+	node string
+}
+
+func (k *kubelet) run(w lab.WebPod, labels map[string]string) {
+	k.t.Helper()
+	ctx := context.Background()
+	pod := &v1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: w.Name, Namespace: k.ns, Labels: labels},
+		Spec: v1.PodSpec{NodeName: k.node, Containers: []v1.Container{{
+			Name: "web", Image: "example.org/web:" + w.Version,
+			Ports: []v1.ContainerPort{{Name: "web-port", ContainerPort: int32(w.WebPort)}, {Name: "udp-echo", ContainerPort: lab.UDPTargetPort, Protocol: v1.ProtocolUDP}},
+		}}},
+	}
+	// Pods are refused until the namespace's default ServiceAccount exists;
+	// the serviceaccount controller makes it within moments.
+	var err error
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		if pod, err = k.c.CoreV1().Pods(k.ns).Create(ctx, pod, metav1.CreateOptions{}); err == nil {
+			break
+		}
+	}
+	if err != nil {
+		k.t.Fatalf("create pod %s: %v", w.Name, err)
+	}
+	pod.Status = v1.PodStatus{Phase: v1.PodRunning, PodIP: w.IP.String(), PodIPs: []v1.PodIP{{IP: w.IP.String()}},
+		Conditions: []v1.PodCondition{{Type: v1.PodReady, Status: v1.ConditionTrue}, {Type: v1.ContainersReady, Status: v1.ConditionTrue}}}
+	if _, err := k.c.CoreV1().Pods(k.ns).UpdateStatus(ctx, pod, metav1.UpdateOptions{}); err != nil {
+		k.t.Fatalf("report pod %s running: %v", w.Name, err)
+	}
+}
+
+// waitSlices waits until the EndpointSlices of Service svc list exactly the
+// ready addresses want, as the controller writes them, and returns when that
+// was first seen.
+func (k *kubelet) waitSlices(t *testing.T, svc string, want ...string) time.Time {
+	t.Helper()
+	ctx := context.Background()
+	slices.Sort(want)
+	var got []string
+	for start := time.Now(); time.Since(start) < 15*time.Second; time.Sleep(20 * time.Millisecond) {
+		list, err := k.c.DiscoveryV1().EndpointSlices(k.ns).List(ctx, metav1.ListOptions{LabelSelector: "kubernetes.io/service-name=" + svc})
+		if err != nil {
+			t.Fatal(err)
+		}
+		got = nil
+		for _, s := range list.Items {
+			for _, e := range s.Endpoints {
+				if e.Conditions.Ready == nil || *e.Conditions.Ready {
+					got = append(got, e.Addresses...)
+				}
+			}
+		}
+		slices.Sort(got)
+		if slices.Equal(got, want) {
+			return time.Now()
+		}
+	}
+	pods, _ := k.c.CoreV1().Pods(k.ns).List(ctx, metav1.ListOptions{})
+	var ps []string
+	for _, p := range pods.Items {
+		ps = append(ps, fmt.Sprintf("%s node=%s ip=%s phase=%s labels=%v rv=%s", p.Name, p.Spec.NodeName, p.Status.PodIP, p.Status.Phase, p.Labels, p.ResourceVersion))
+	}
+	t.Fatalf("EndpointSlices of %s list %v, want %v; pods: %v", svc, got, want, ps)
+	return time.Time{}
+}
+
+// TestServiceStoryThroughTheAPI tells the Service story through a real API
+// server, as a user with kubectl would, with the proxy running under
+// kube-proxy's own identity (system:kube-proxy, bound to
+// system:node-proxier) and the real EndpointSlice controller writing the
+// slices from the Pods.
+func TestServiceStoryThroughTheAPI(t *testing.T) {
+	env := controlPlane(t)
+	ctx := context.Background()
+	c := env.Admin
+	ns := fmt.Sprintf("story-%d", time.Now().UnixNano()%1e9)
+	if _, err := c.CoreV1().Namespaces().Create(ctx, &v1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.CoreV1().Namespaces().Delete(ctx, ns, metav1.DeleteOptions{}) })
+	node := &v1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-1"}}
+	if _, err := c.CoreV1().Nodes().Create(ctx, node, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+		t.Fatal(err)
+	}
+
+	l := newLab(t)
+	client, err := l.AddPod("client", lab.ClientPod)
+	if err != nil {
+		t.Fatal(err)
+	}
+	k := &kubelet{t: t, c: c, ns: ns, node: "node-1"}
+	v1Labels := map[string]string{"app": "web-front-end", "version": "v1"}
+	for n := 1; n <= 1; n++ {
+		w := lab.NewWebPod(n, "v1", 8080)
+		if _, err := l.AddWeb(tools, w); err != nil {
+			t.Fatal(err)
+		}
+		k.run(w, v1Labels)
+	}
+	svc := &v1.Service{
+		ObjectMeta: metav1.ObjectMeta{Name: lab.ServiceName, Namespace: ns},
+		Spec: v1.ServiceSpec{
+			ClusterIP: lab.ClusterIP.String(),
+			Selector:  map[string]string{"app": "web-front-end"},
+			Ports:     []v1.ServicePort{{Name: "http", Port: 80, TargetPort: intstr.FromString("web-port")}},
+		},
+	}
+	if svc, err = c.CoreV1().Services(ns).Create(ctx, svc, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	// A Service for another proxy: ours must leave it alone.
+	other := &v1.Service{
+		ObjectMeta: metav1.ObjectMeta{Name: "for-another-proxy", Namespace: ns, Labels: map[string]string{"service.kubernetes.io/service-proxy-name": "other"}},
+		Spec:       v1.ServiceSpec{ClusterIP: "10.96.0.12", Selector: map[string]string{"app": "web-front-end"}, Ports: []v1.ServicePort{{Port: 80, TargetPort: intstr.FromInt32(8080)}}},
+	}
+	if _, err := c.CoreV1().Services(ns).Create(ctx, other, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+
+	// The proxy in the node reaches the API server through a port of its
+	// own namespace's loopback, forwarded to the test's control plane.
+	port, err := l.Forward(l.Node, fmt.Sprintf("127.0.0.1:%d", env.APIPort))
+	if err != nil {
+		t.Fatal(err)
+	}
+	kubeconfig, err := env.Kubeconfig("proxy-"+ns+".kubeconfig", fmt.Sprintf("https://127.0.0.1:%d", port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	proxy, err := l.StartProxy(tools, "", "--kubeconfig", kubeconfig, "--hostname-override", "node-1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	url := fmt.Sprintf("http://%s/", lab.ClusterIP)
+	// eventually retries f until it succeeds or 5s pass; the API is
+	// asynchronous (controller, watch), so this is waiting for a signal we
+	// cannot subscribe to from here.
+	eventually := func(t *testing.T, what string, f func() error) time.Duration {
+		t.Helper()
+		start := time.Now()
+		var err error
+		for time.Since(start) < 5*time.Second {
+			if err = f(); err == nil {
+				return time.Since(start)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		slices, _ := c.DiscoveryV1().EndpointSlices(ns).List(ctx, metav1.ListOptions{})
+		var eps []string
+		for _, s := range slices.Items {
+			for _, e := range s.Endpoints {
+				eps = append(eps, fmt.Sprintf("%s/%v ready=%v", s.Name, e.Addresses, e.Conditions.Ready != nil && *e.Conditions.Ready))
+			}
+		}
+		pods, _ := c.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{})
+		for _, p := range pods.Items {
+			eps = append(eps, fmt.Sprintf("pod %s node=%s ip=%s phase=%s conds=%v labels=%v", p.Name, p.Spec.NodeName, p.Status.PodIP, p.Status.Phase, p.Status.Conditions, p.Labels))
+		}
+		out := proxy.Output()
+		if len(out) > 3000 {
+			out = out[len(out)-3000:]
+		}
+		t.Fatalf("%s: %v\nendpoint slices in the API: %v\nproxy log ends:\n%s", what, err, eps, out)
+		return 0
+	}
+
+	t.Run("a pod curls the ClusterIP", func(t *testing.T) {
+		eventually(t, "curl "+url, func() error {
+			got, err := client.Curl(ctx, url)
+			if err != nil || got != "This is Web Server 1 running on 8080!" {
+				return fmt.Errorf("%q, %v", got, err)
+			}
+			return nil
+		})
+		rules, _ := l.OurRules(ctx)
+		if strings.Contains(rules, "10.96.0.12") {
+			t.Errorf("a Service labelled for another proxy got rules:\n%s", rules)
+		}
+	})
+	t.Run("scale to 3: an even split", func(t *testing.T) {
+		for n := 2; n <= 3; n++ {
+			w := lab.NewWebPod(n, "v1", 8080)
+			if _, err := l.AddWeb(tools, w); err != nil {
+				t.Fatal(err)
+			}
+			k.run(w, v1Labels)
+		}
+		k.waitSlices(t, lab.ServiceName, "10.244.1.2", "10.244.2.2", "10.244.3.2")
+		eventually(t, "three endpoints", func() error {
+			tally, failures, err := client.Tally(ctx, tools, url, 30)
+			if err != nil || failures != 0 || len(tally) != 3 {
+				return fmt.Errorf("%v, %d failures, %v", tally, failures, err)
+			}
+			return nil
+		})
+		tally, failures, err := client.Tally(ctx, tools, url, 300)
+		if err != nil || failures != 0 {
+			t.Fatal(tally, failures, err)
+		}
+		for body, n := range tally {
+			if n != 100 {
+				t.Errorf("300 requests: %v; want 100 each (%s got %d)", tally, body, n)
+			}
+		}
+	})
+	t.Run("v2 on 9090, then the selector moves to v2 within 2s", func(t *testing.T) {
+		w := lab.NewWebPod(4, "v2", 9090)
+		if _, err := l.AddWeb(tools, w); err != nil {
+			t.Fatal(err)
+		}
+		k.run(w, map[string]string{"app": "web-front-end", "version": "v2"})
+		svc, err := c.CoreV1().Services(ns).Get(ctx, lab.ServiceName, metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		svc.Spec.Selector = map[string]string{"app": "web-front-end", "version": "v2"}
+		if _, err := c.CoreV1().Services(ns).Update(ctx, svc, metav1.UpdateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		// From the moment the API shows the change to the moment traffic
+		// follows it: the proxy's part of network programming latency.
+		seen := k.waitSlices(t, lab.ServiceName, "10.244.4.2")
+		eventually(t, "only v2 answers", func() error {
+			tally, failures, err := client.Tally(ctx, tools, url, 8)
+			if err != nil || failures != 0 || len(tally) != 1 || tally["This is Web Server 4 running on 9090!"] != 8 {
+				return fmt.Errorf("%v, %d failures, %v", tally, failures, err)
+			}
+			return nil
+		})
+		if took := time.Since(seen); took > 2*time.Second {
+			t.Errorf("the selector change took %s from the API to the data path; want under 2s", took)
+		}
+	})
+	t.Run("deleting the Service removes its rules and listener", func(t *testing.T) {
+		if err := c.CoreV1().Services(ns).Delete(ctx, lab.ServiceName, metav1.DeleteOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		eventually(t, "rules gone", func() error {
+			if rules, _ := l.OurRules(ctx); strings.Contains(rules, lab.ServiceName) {
+				return fmt.Errorf("rules still name the Service:\n%s", rules)
+			}
+			return nil
+		})
+		if _, err := proxy.WaitFor(0, 5*time.Second, func(line string) bool {
+			e := lab.LogEntry(line)
+			return e["msg"] == "Removed service port" && strings.HasSuffix(fmt.Sprint(e["service"]), "/"+lab.ServiceName+":http")
+		}); err != nil {
+			t.Error(err)
+		}
+	})
+}
