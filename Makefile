@@ -18,7 +18,7 @@ LDFLAGS := -X main.version=$(VERSION)
 # kube-controller-manager), built once per machine from the Go module proxy
 # and cached under a key of its module's go.sum and build script.
 KUBE_TESTENV_KEY := $(shell cat hack/kube-testenv/go.sum hack/kube-testenv/build.sh | sha256sum | cut -c1-16)
-export KUBE_TESTENV_BIN ?= $(HOME)/.cache/kube-testenv/$(KUBE_TESTENV_KEY)
+export KUBE_TESTENV_BIN ?= $(or $(HOME),/root)/.cache/kube-testenv/$(KUBE_TESTENV_KEY)
 
 # System packages the tests, the lab and the benchmarks run.
 DEB_PACKAGES := iptables iproute2 curl nftables dnsutils
