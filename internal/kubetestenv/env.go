@@ -149,6 +149,9 @@ func (e *Env) RestConfig(tok string) *rest.Config {
 	}
 }
 
+// AdminConfig is a client configuration for the admin (system:masters).
+func (e *Env) AdminConfig() *rest.Config { return e.RestConfig(e.adminTok) }
+
 // Kubeconfig writes a kubeconfig for user system:kube-proxy that reaches
 // the API server at server (an https URL), and returns its path.
 func (e *Env) Kubeconfig(name, server string) (string, error) {
