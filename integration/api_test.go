@@ -131,8 +131,27 @@ func (k *kubelet) waitSlices(t *testing.T, svc string, want ...string) time.Time
 	return time.Time{}
 }
 
+// notReady reports pod name's Ready condition False.
+func (k *kubelet) notReady(t *testing.T, name string) {
+	t.Helper()
+	ctx := context.Background()
+	pod, err := k.c.CoreV1().Pods(k.ns).Get(ctx, name, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range pod.Status.Conditions {
+		if pod.Status.Conditions[i].Type == v1.PodReady {
+			pod.Status.Conditions[i].Status = v1.ConditionFalse
+		}
+	}
+	if _, err := k.c.CoreV1().Pods(k.ns).UpdateStatus(ctx, pod, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // TestServiceStoryThroughTheAPI tells the Service story through a real API
-// server, as a user with kubectl would, with the proxy running under
+// server (including terminating endpoints, which only a real EndpointSlice
+// controller publishes as it does), as a user with kubectl would, with the proxy running under
 // kube-proxy's own identity (system:kube-proxy, bound to
 // system:node-proxier) and the real EndpointSlice controller writing the
 // slices from the Pods.
@@ -269,6 +288,32 @@ func TestServiceStoryThroughTheAPI(t *testing.T) {
 				t.Errorf("300 requests: %v; want 100 each (%s got %d)", tally, body, n)
 			}
 		}
+	})
+	t.Run("terminating endpoints serve only when no ready one is left", func(t *testing.T) {
+		// Nothing plays the kubelet's part of a deletion, so web-3 stays
+		// Terminating: the controller publishes it serving, not ready.
+		if err := c.CoreV1().Pods(ns).Delete(ctx, "web-3", metav1.DeleteOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		k.waitSlices(t, lab.ServiceName, "10.244.1.2", "10.244.2.2")
+		eventually(t, "only the ready pods answer", func() error {
+			tally, failures, err := client.Tally(ctx, tools, url, 20)
+			if err != nil || failures != 0 || tally["This is Web Server 1 running on 8080!"]+tally["This is Web Server 2 running on 8080!"] != 20 {
+				return fmt.Errorf("%v, %d failures, %v", tally, failures, err)
+			}
+			return nil
+		})
+		for _, name := range []string{"web-1", "web-2"} {
+			k.notReady(t, name)
+		}
+		k.waitSlices(t, lab.ServiceName) // no ready endpoint left
+		eventually(t, "the terminating pod answers", func() error {
+			tally, failures, err := client.Tally(ctx, tools, url, 10)
+			if err != nil || failures != 0 || tally["This is Web Server 3 running on 8080!"] != 10 {
+				return fmt.Errorf("%v, %d failures, %v", tally, failures, err)
+			}
+			return nil
+		})
 	})
 	t.Run("v2 on 9090, then the selector moves to v2 within 2s", func(t *testing.T) {
 		w := lab.NewWebPod(4, "v2", 9090)
