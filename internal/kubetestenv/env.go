@@ -43,6 +43,7 @@ type Env struct {
 	adminTok string
 	procs    map[string]*exec.Cmd
 	etcdPort int
+	kcmPort  int
 	bin      string
 }
 
@@ -90,16 +91,8 @@ func Start(bin, dir string) (*Env, error) {
 		e.Stop()
 		return nil, err
 	}
-	if err := e.start("kube-controller-manager", "--kubeconfig="+e.path("admin.kubeconfig"),
-		"--controllers=endpointslice,serviceaccount,garbagecollector,namespace",
-		"--leader-elect=false", "--bind-address=127.0.0.1", "--secure-port="+strconv.Itoa(kcmPort),
-		"--authentication-kubeconfig="+e.path("admin.kubeconfig"), "--authorization-kubeconfig="+e.path("admin.kubeconfig"),
-		"--authentication-skip-lookup", "--v=2"); err != nil {
-		e.Stop()
-		return nil, err
-	}
-	insecure := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}, Timeout: time.Second}
-	if err := e.waitFor("kube-controller-manager", fmt.Sprintf("https://127.0.0.1:%d/healthz", kcmPort), insecure); err != nil {
+	e.kcmPort = kcmPort
+	if err := e.StartControllerManager(); err != nil {
 		e.Stop()
 		return nil, err
 	}
@@ -135,6 +128,23 @@ func (e *Env) StartAPIServer() error {
 	}
 	return nil
 }
+
+// StartControllerManager starts kube-controller-manager (again, after
+// StopControllerManager) and waits until it is healthy.
+func (e *Env) StartControllerManager() error {
+	if err := e.start("kube-controller-manager", "--kubeconfig="+e.path("admin.kubeconfig"),
+		"--controllers=endpointslice,serviceaccount,garbagecollector,namespace",
+		"--leader-elect=false", "--bind-address=127.0.0.1", "--secure-port="+strconv.Itoa(e.kcmPort),
+		"--authentication-kubeconfig="+e.path("admin.kubeconfig"), "--authorization-kubeconfig="+e.path("admin.kubeconfig"),
+		"--authentication-skip-lookup", "--v=2"); err != nil {
+		return err
+	}
+	insecure := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}, Timeout: time.Second}
+	return e.waitFor("kube-controller-manager", fmt.Sprintf("https://127.0.0.1:%d/healthz", e.kcmPort), insecure)
+}
+
+// StopControllerManager stops kube-controller-manager only.
+func (e *Env) StopControllerManager() { e.stop("kube-controller-manager") }
 
 // StopAPIServer stops kube-apiserver only: an API outage.
 func (e *Env) StopAPIServer() { e.stop("kube-apiserver") }
