@@ -3,7 +3,6 @@ package proxy
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"net"
 	"net/http"
@@ -112,12 +111,6 @@ func serveHealth(ctx context.Context, addr string, h *health, m *healthMetrics, 
 	mux := http.NewServeMux()
 	mux.Handle("/healthz", probe(m.healthz, true))
 	mux.Handle("/livez", probe(m.livez, false))
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
-	stop := context.AfterFunc(ctx, func() { srv.Close() })
-	defer stop()
 	log.WithField("address", ln.Addr().String()).Info("Serving /healthz and /livez")
-	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-		return err
-	}
-	return nil
+	return serveHTTP(ctx, ln, mux)
 }

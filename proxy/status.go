@@ -37,10 +37,15 @@ func serveStatus(ctx context.Context, addr, mode string, reg *prometheus.Registr
 		io.WriteString(w, ProxyModeName(mode))
 	})
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	log.WithField("address", ln.Addr().String()).Info("Serving /proxyMode and /metrics")
+	return serveHTTP(ctx, ln, mux)
+}
+
+// serveHTTP serves h on ln until ctx is done.
+func serveHTTP(ctx context.Context, ln net.Listener, h http.Handler) error {
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second}
 	stop := context.AfterFunc(ctx, func() { srv.Close() })
 	defer stop()
-	log.WithField("address", ln.Addr().String()).Info("Serving /proxyMode and /metrics")
 	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 		return err
 	}
