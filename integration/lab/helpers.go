@@ -17,9 +17,13 @@ type Tools struct {
 	Helper string // kup-lab
 }
 
-// AddWeb makes the pod of web pod w and starts its web server.
-func (l *Lab) AddWeb(t Tools, w WebPod) (*Proc, error) {
-	p, err := l.AddPod(w.Name, w.Index)
+// AddWeb makes the pod of web pod w on the first node and starts its web
+// server.
+func (l *Lab) AddWeb(t Tools, w WebPod) (*Proc, error) { return l.AddWebOn(l.Node, t, w) }
+
+// AddWebOn makes the pod of web pod w on node and starts its web server.
+func (l *Lab) AddWebOn(node *NS, t Tools, w WebPod) (*Proc, error) {
+	p, err := l.AddPodOn(node, w.Name, w.Index)
 	if err != nil {
 		return nil, err
 	}
@@ -34,15 +38,20 @@ func (l *Lab) AddWeb(t Tools, w WebPod) (*Proc, error) {
 	return proc, nil
 }
 
-// StartProxy starts the proxy in the node namespace on manifest (none: the
+// StartProxy starts the proxy in the first node on manifest (none: the
 // extra arguments name its source), with JSON logs, and waits until it has
 // programmed its first state.
 func (l *Lab) StartProxy(t Tools, manifest string, extra ...string) (*Proc, error) {
+	return l.StartProxyOn(l.Node, t, manifest, extra...)
+}
+
+// StartProxyOn is StartProxy on node.
+func (l *Lab) StartProxyOn(node *NS, t Tools, manifest string, extra ...string) (*Proc, error) {
 	args := append([]string{"--log-format", "json", "-v", "3"}, extra...)
 	if manifest != "" {
 		args = append(args, "--manifests", manifest)
 	}
-	proc, err := l.Start(l.Node, t.Proxy, args...)
+	proc, err := l.Start(node, t.Proxy, args...)
 	if err != nil {
 		return nil, err
 	}

@@ -49,9 +49,13 @@ type NS struct {
 // Lab is a running lab.
 type Lab struct {
 	ID   string
-	Node *NS
+	Node *NS // the first node
 	Ext  *NS
 	Pods []*Pod
+	// Nodes are all the nodes: Node, and those AddNode made. Node i is
+	// 10.200.i.1 to the others, behind ext (10.200.i.2), which routes
+	// between them.
+	Nodes []*NS
 
 	mu    sync.Mutex
 	procs []*Proc
@@ -108,11 +112,45 @@ func New() (l *Lab, err error) {
 			return nil, err
 		}
 	}
-	// Forwarding on, as on every node: pods talk to pods through it.
-	if _, err := l.Node.Run(context.Background(), "sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"); err != nil {
+	// Forwarding on, as on every node: pods talk to pods through it; and on
+	// ext, which routes between nodes.
+	for _, ns := range []*NS{l.Node, l.Ext} {
+		if _, err := ns.Run(context.Background(), "sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"); err != nil {
+			return nil, err
+		}
+	}
+	l.Nodes = []*NS{l.Node}
+	return l, nil
+}
+
+// AddNode makes another node, number len(Nodes): 10.200.i.1 on its link to
+// ext, which is its default gateway.
+func (l *Lab) AddNode(name string) (*NS, error) {
+	i := len(l.Nodes)
+	n, err := l.newNS(name)
+	if err != nil {
 		return nil, err
 	}
-	return l, nil
+	nodeIP, gw := fmt.Sprintf("10.200.%d.1", i), fmt.Sprintf("10.200.%d.2", i)
+	link := fmt.Sprintf("node%d", i)
+	steps := [][]string{
+		{"link", "add", "ext0", "netns", n.Name, "type", "veth", "peer", "name", link, "netns", l.Ext.Name},
+		{"-n", n.Name, "addr", "add", nodeIP + "/24", "dev", "ext0"},
+		{"-n", n.Name, "link", "set", "ext0", "up"},
+		{"-n", l.Ext.Name, "addr", "add", gw + "/24", "dev", link},
+		{"-n", l.Ext.Name, "link", "set", link, "up"},
+		{"-n", n.Name, "route", "add", "default", "via", gw},
+	}
+	for _, s := range steps {
+		if err := ip(s...); err != nil {
+			return nil, err
+		}
+	}
+	if _, err := n.Run(context.Background(), "sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"); err != nil {
+		return nil, err
+	}
+	l.Nodes = append(l.Nodes, n)
+	return n, nil
 }
 
 func (l *Lab) newNS(role string) (*NS, error) {
@@ -129,9 +167,12 @@ func (l *Lab) newNS(role string) (*NS, error) {
 	return ns, nil
 }
 
-// AddPod makes pod number n (1 to 254), with address 10.244.n.2 and the
-// node at 10.244.n.1 as its gateway.
-func (l *Lab) AddPod(name string, n int) (*Pod, error) {
+// AddPod makes pod number n (1 to 254) on the first node, with address
+// 10.244.n.2 and the node at 10.244.n.1 as its gateway.
+func (l *Lab) AddPod(name string, n int) (*Pod, error) { return l.AddPodOn(l.Node, name, n) }
+
+// AddPodOn makes pod number n on node.
+func (l *Lab) AddPodOn(node *NS, name string, n int) (*Pod, error) {
 	if n < 1 || n > 254 {
 		return nil, fmt.Errorf("pod number %d: want 1 to 254", n)
 	}
@@ -148,12 +189,19 @@ func (l *Lab) AddPod(name string, n int) (*Pod, error) {
 	gw := fmt.Sprintf("10.244.%d.1", n)
 	veth := fmt.Sprintf("pod%d", n)
 	steps := [][]string{
-		{"link", "add", veth, "netns", l.Node.Name, "type", "veth", "peer", "name", "eth0", "netns", p.Name},
-		{"-n", l.Node.Name, "addr", "add", gw + "/24", "dev", veth},
-		{"-n", l.Node.Name, "link", "set", veth, "up"},
+		{"link", "add", veth, "netns", node.Name, "type", "veth", "peer", "name", "eth0", "netns", p.Name},
+		{"-n", node.Name, "addr", "add", gw + "/24", "dev", veth},
+		{"-n", node.Name, "link", "set", veth, "up"},
 		{"-n", p.Name, "addr", "add", p.IP.String() + "/24", "dev", "eth0"},
 		{"-n", p.Name, "link", "set", "eth0", "up"},
 		{"-n", p.Name, "route", "add", "default", "via", gw},
+	}
+	for i, nd := range l.Nodes {
+		if nd == node && i > 0 {
+			// ext sends this pod's subnet to its node (the first node's
+			// pods are reached through ext's route for all of 10.244/16).
+			steps = append(steps, []string{"-n", l.Ext.Name, "route", "add", fmt.Sprintf("10.244.%d.0/24", n), "via", fmt.Sprintf("10.200.%d.1", i)})
+		}
 	}
 	for _, s := range steps {
 		if err := ip(s...); err != nil {
