@@ -25,7 +25,7 @@ const (
 
 // runner is the part of go-iptables' *IPTables that Table uses.
 type runner interface {
-	Exists(table, chain string, rulespec ...string) (bool, error)
+	List(table, chain string) ([]string, error)
 	Insert(table, chain string, pos int, rulespec ...string) error
 	Append(table, chain string, rulespec ...string) error
 	DeleteIfExists(table, chain string, rulespec ...string) error
@@ -124,22 +124,36 @@ func (t *Table) Sync(redirects []Redirect) error {
 	if err := cmd.Run(); err != nil {
 		return fmt.Errorf("%s: %w: %s", t.restore, err, strings.TrimSpace(stderr.String()))
 	}
+	// Listing a built-in chain is quick whatever our chains hold; "iptables
+	// -C" with the nft backend reads the whole table (0.13s each with
+	// 20,000 rules).
+	listed := map[[2]string][]string{}
 	for _, j := range jumps {
-		if err := t.ensureJump(j); err != nil {
+		k := [2]string{j.table, j.from}
+		if _, ok := listed[k]; !ok {
+			rules, err := t.ipt.List(j.table, j.from)
+			if err != nil {
+				return fmt.Errorf("list %s/%s: %w", j.table, j.from, err)
+			}
+			listed[k] = rules
+		}
+		if err := t.ensureJump(j, listed[k]); err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
-func (t *Table) ensureJump(j jump) error {
-	ok, err := t.ipt.Exists(j.table, j.from, j.spec...)
-	if err != nil {
-		return fmt.Errorf("check jump %s/%s -> %s: %w", j.table, j.from, j.spec[len(j.spec)-1], err)
+// ensureJump adds jump j unless rules, the chain it belongs in, already
+// send packets to our chain.
+func (t *Table) ensureJump(j jump, rules []string) error {
+	target := "-j " + j.spec[len(j.spec)-1]
+	for _, r := range rules {
+		if strings.HasSuffix(strings.TrimSpace(r), target) {
+			return nil
+		}
 	}
-	if ok {
-		return nil
-	}
+	var err error
 	if j.first {
 		err = t.ipt.Insert(j.table, j.from, 1, j.spec...)
 	} else {

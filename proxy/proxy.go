@@ -100,6 +100,8 @@ type Config struct {
 	// (--metrics-bind-address, kube-proxy's 127.0.0.1:10249); empty means
 	// nowhere.
 	MetricsBindAddress string
+	// Profiling serves Go's /debug/pprof next to /metrics (--profiling).
+	Profiling bool
 	// Log is where the proxy logs. Nil means logrus' standard logger.
 	Log logrus.FieldLogger
 }
@@ -212,7 +214,9 @@ func Run(ctx context.Context, cfg Config) error {
 		g.Go(func() error { return serveHealth(ctx, cfg.HealthzBindAddress, hl, hm, log) })
 	}
 	if cfg.MetricsBindAddress != "" {
-		g.Go(func() error { return serveStatus(ctx, cfg.MetricsBindAddress, front.mode(), cfg.Registry, log) })
+		g.Go(func() error {
+			return serveStatus(ctx, cfg.MetricsBindAddress, front.mode(), cfg.Registry, cfg.Profiling, log)
+		})
 	}
 	err = g.Wait()
 	log.Info("Stopped; rules and addresses stay in place until the next start or --cleanup")

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -25,8 +26,9 @@ func ProxyModeName(mode string) string {
 }
 
 // serveStatus serves kube-proxy's /proxyMode, and our /metrics, on addr
-// until ctx is done.
-func serveStatus(ctx context.Context, addr, mode string, reg *prometheus.Registry, log logrus.FieldLogger) error {
+// until ctx is done; with profiling, Go's /debug/pprof too (kube-proxy's
+// --profiling).
+func serveStatus(ctx context.Context, addr, mode string, reg *prometheus.Registry, profiling bool, log logrus.FieldLogger) error {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return fmt.Errorf("--metrics-bind-address %s: %w", addr, err)
@@ -37,6 +39,11 @@ func serveStatus(ctx context.Context, addr, mode string, reg *prometheus.Registr
 		io.WriteString(w, ProxyModeName(mode))
 	})
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	if profiling {
+		mux.HandleFunc("/debug/pprof/", pprof.Index)
+		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	}
 	log.WithField("address", ln.Addr().String()).Info("Serving /proxyMode and /metrics")
 	return serveHTTP(ctx, ln, mux)
 }

@@ -54,6 +54,7 @@ type options struct {
 	mode             string
 	metricsAddr      string
 	healthzAddr      string
+	profiling        bool
 	configFile       string
 	kubeconfig       string
 	master           string
@@ -128,6 +129,7 @@ and carries each connection to one of the Service's pods, round robin.`,
 	f.StringSliceVar(&o.dnsUpstreams, "dns-upstream", nil, "DNS servers (IP or IP:port) for names outside the cluster domain (default: the node's /etc/resolv.conf, loopback servers skipped)")
 	f.DurationVar(&o.dnsTTL, "dns-ttl", 5*time.Second, "TTL of the DNS stub's records")
 	f.StringVar(&o.metricsAddr, "metrics-bind-address", "127.0.0.1:10249", "where /metrics and /proxyMode are served (host:port; empty for nowhere)")
+	f.BoolVar(&o.profiling, "profiling", false, "serve Go's /debug/pprof on --metrics-bind-address")
 	f.StringVar(&o.healthzAddr, "healthz-bind-address", "0.0.0.0:10256", "where /healthz and /livez are served (host:port; empty for nowhere)")
 	f.StringVar(&o.iptablesBackend, "iptables-backend", "auto", "iptables backend: legacy, nft, or auto (the one the node already uses)")
 	f.StringVar(&o.hostnameOverride, "hostname-override", "", "this node's name, for internalTrafficPolicy Local; default the lower-cased hostname")
@@ -194,6 +196,9 @@ func (o *options) config(log logrus.FieldLogger) (proxy.Config, error) {
 	ports, err := portalloc.Parse(o.proxyPortRange)
 	if err != nil {
 		errs = append(errs, err)
+	}
+	if ports == nil {
+		ports = portalloc.Ephemeral()
 	}
 	if o.udpTimeout <= 0 {
 		errs = append(errs, fmt.Errorf("--udp-timeout %s: must be greater than 0", o.udpTimeout))
@@ -296,6 +301,7 @@ func (o *options) config(log logrus.FieldLogger) (proxy.Config, error) {
 		Mode:               o.mode,
 		MetricsBindAddress: o.metricsAddr,
 		HealthzBindAddress: o.healthzAddr,
+		Profiling:          o.profiling,
 		ClusterDNS:         clusterDNS,
 		ClusterDomain:      o.clusterDomain,
 		DNSUpstreams:       upstreams,

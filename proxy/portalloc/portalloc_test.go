@@ -3,7 +3,9 @@ package portalloc
 import (
 	"errors"
 	"net"
+	"os"
 	"strconv"
+	"strings"
 	"testing"
 )
 
@@ -126,4 +128,15 @@ func TestNilRangeLetsTheKernelChoose(t *testing.T) {
 		t.Errorf("kernel-chosen ports = %d, %d (%v, %v); want two distinct non-zero ports", p1, p2, err1, err2)
 	}
 	r.Release(p1) // does nothing, must not panic
+}
+
+func TestEphemeralIsTheKernelsRange(t *testing.T) {
+	data, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := strings.Join(strings.Fields(string(data)), "-")
+	if got := Ephemeral().String(); got != want {
+		t.Errorf("Ephemeral() = %s, want the kernel's %s", got, want)
+	}
 }

@@ -1,6 +1,7 @@
 package userspace
 
 import (
+	"fmt"
 	"io"
 	"net"
 	"net/netip"
@@ -180,5 +181,31 @@ func BenchmarkUDPRequestResponse(b *testing.B) {
 				}
 			}
 		})
+	}
+}
+
+// BenchmarkSyncNewPorts opens listeners for 1,000 new service ports per op:
+// the listener share of a large first sync.
+func BenchmarkSyncNewPorts(b *testing.B) {
+	ports := make([]service.Port, 1000)
+	for i := range ports {
+		ports[i] = service.Port{Name: service.PortName{Namespace: "default", Name: fmt.Sprintf("s%d", i)}, Protocol: service.TCP,
+			Endpoints: []netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:9")}}
+	}
+	s, err := service.NewSnapshot(ports)
+	if err != nil {
+		b.Fatal(err)
+	}
+	for range b.N {
+		ls, err := New(Config{})
+		if err != nil {
+			b.Fatal(err)
+		}
+		if _, err := ls.Sync(s, ls.RedirectBinds); err != nil {
+			b.Fatal(err)
+		}
+		b.StopTimer()
+		ls.Close()
+		b.StartTimer()
 	}
 }
