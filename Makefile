@@ -24,7 +24,7 @@ export KUBE_TESTENV_BIN ?= $(or $(HOME),/root)/.cache/kube-testenv/$(KUBE_TESTEN
 DEB_PACKAGES := iptables iproute2 curl nftables dnsutils
 BENCH_PACKAGES := iperf3 wrk haproxy socat
 
-.PHONY: all build kube-testenv test demo bench bench-modes dnsperf deps bench-deps netbench clean
+.PHONY: all build kube-testenv test demo bench bench-programming bench-modes dnsperf deps bench-deps netbench clean
 
 all: build
 
@@ -65,6 +65,11 @@ bench-deps: deps
 # compare the "proxy" and "direct" lines of each benchmark (docs/performance.md).
 bench: deps
 	$(GO) test -run '^$$' -bench . -benchtime 2s -count 3 ./proxy/userspace/
+
+# bench-programming: network programming latency against the real API
+# server, p50 and p99 over 100 EndpointSlice changes.
+bench-programming: deps kube-testenv
+	$(GO) test -run '^$$' -bench NetworkProgramming -benchtime 100x ./integration/
 
 # bench-modes: redirect mode against bind mode (and a direct connection) in
 # one lab and one run, with wrk.

@@ -49,6 +49,27 @@ func controlPlane(t *testing.T) *kubetestenv.Env {
 	return apiEnv
 }
 
+// controlPlaneB is controlPlane for benchmarks.
+func controlPlaneB(b *testing.B) *kubetestenv.Env {
+	b.Helper()
+	apiOnce.Do(func() {
+		bin, err := kubetestenv.BinDir()
+		if err != nil {
+			apiErr = err
+			return
+		}
+		if apiDir, err = os.MkdirTemp("", "kup-controlplane-"); err != nil {
+			apiErr = err
+			return
+		}
+		apiEnv, apiErr = kubetestenv.Start(bin, apiDir)
+	})
+	if apiErr != nil {
+		b.Fatalf("control plane: %v", apiErr)
+	}
+	return apiEnv
+}
+
 // stopControlPlane is called by TestMain after the tests.
 func stopControlPlane() {
 	if apiEnv != nil {
@@ -62,7 +83,7 @@ func stopControlPlane() {
 // kubelet plays the only part of a kubelet the tests need: it creates Pods
 // bound to a Node and reports them running and ready at the lab's address.
 type kubelet struct {
-	t    *testing.T
+	t    testing.TB
 	c    kubernetes.Interface
 	ns   string
 	node string

@@ -321,9 +321,9 @@ func (o *options) logger() (*logrus.Logger, error) {
 	l.Out = os.Stderr
 	switch o.logFormat {
 	case "text":
-		l.Formatter = &logrus.TextFormatter{DisableColors: true, FullTimestamp: true}
+		l.Formatter = &logrus.TextFormatter{DisableColors: true, FullTimestamp: true, TimestampFormat: time.RFC3339Nano}
 	case "json":
-		l.Formatter = &logrus.JSONFormatter{}
+		l.Formatter = &logrus.JSONFormatter{TimestampFormat: time.RFC3339Nano}
 	default:
 		return nil, fmt.Errorf("--log-format %q: want text or json", o.logFormat)
 	}

@@ -41,9 +41,10 @@ type Config struct {
 	// ResyncPeriod is the informers' resync (--config-sync-period). Zero
 	// means 15m, kube-proxy's default.
 	ResyncPeriod time.Duration
-	// MinSyncPeriod is the least time between two applies
-	// (--iptables-min-sync-period): changes closer together wait and are
-	// applied together. Zero means 1s.
+	// MinSyncPeriod bounds how often changes are applied
+	// (--iptables-min-sync-period): a sparse change is applied at once, a
+	// burst at most two at once and then one per period, later changes
+	// waiting and being applied together. Zero means 1s.
 	MinSyncPeriod time.Duration
 	Log           logrus.FieldLogger
 }
@@ -111,6 +112,10 @@ func Run(ctx context.Context, cfg Config, apply func([]*v1.Service, []*discovery
 		return errors.New("the Service and EndpointSlice caches did not sync")
 	}
 
+	// Changes are applied at once while they are sparse, and at most once
+	// per MinSyncPeriod when they come in bursts: a token bucket of two, as
+	// kube-proxy's BoundedFrequencyRunner (minSyncPeriod, burst 2).
+	bucket := &tokens{burst: 2, every: minSync, have: 2, at: time.Now()}
 	for {
 		svcs, err := services.Lister().List(labels.Everything())
 		if err != nil {
@@ -121,9 +126,6 @@ func Run(ctx context.Context, cfg Config, apply func([]*v1.Service, []*discovery
 			return err
 		}
 		apply(svcs, eps)
-		// Coalesce: wait for a change, then at least until MinSyncPeriod
-		// has passed since this apply.
-		next := time.Now().Add(minSync)
 		select {
 		case <-ctx.Done():
 			return nil
@@ -132,7 +134,27 @@ func Run(ctx context.Context, cfg Config, apply func([]*v1.Service, []*discovery
 		select {
 		case <-ctx.Done():
 			return nil
-		case <-time.After(time.Until(next)):
+		case <-time.After(bucket.take(time.Now())):
 		}
 	}
+}
+
+// tokens is a token bucket: one token per apply, refilled at one per
+// every, holding at most burst.
+type tokens struct {
+	burst float64
+	every time.Duration
+	have  float64
+	at    time.Time
+}
+
+// take spends a token and returns how long to wait for it.
+func (b *tokens) take(now time.Time) time.Duration {
+	b.have = min(b.burst, b.have+float64(now.Sub(b.at))/float64(b.every))
+	b.at = now
+	b.have--
+	if b.have >= 0 {
+		return 0
+	}
+	return time.Duration(-b.have * float64(b.every))
 }
