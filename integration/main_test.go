@@ -5,10 +5,12 @@
 package integration
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/integration/lab"
@@ -74,4 +76,26 @@ func firstStoryLab(t *testing.T, extra string) (*lab.Lab, *lab.Pod, string) {
 		t.Fatal(err)
 	}
 	return l, client, manifest
+}
+
+// TestBadInputExitsOne: the binary itself, given a bad flag or a bad
+// configuration field, prints what to fix and exits with code 1.
+func TestBadInputExitsOne(t *testing.T) {
+	dir := t.TempDir()
+	badConfig := filepath.Join(dir, "config.yaml")
+	os.WriteFile(badConfig, []byte("apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nportRange: 9-1\n"), 0o644)
+	for _, tt := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--manifests", "x", "--bind-address", "127.0.0.1"}, "--bind-address 127.0.0.1: cannot proxy on a loopback"},
+		{[]string{"--config", badConfig, "--manifests", "x"}, `KubeProxyConfiguration.portRange: Invalid value: "9-1"`},
+		{[]string{"--mode", "ipvs", "--manifests", "x"}, `--mode "ipvs"`},
+	} {
+		out, err := exec.Command(tools.Proxy, tt.args...).CombinedOutput()
+		var exit *exec.ExitError
+		if !errors.As(err, &exit) || exit.ExitCode() != 1 || !strings.Contains(string(out), tt.want) {
+			t.Errorf("%q: exit %v, output %q; want exit code 1 and %q", tt.args, err, out, tt.want)
+		}
+	}
 }
