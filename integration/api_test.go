@@ -407,6 +407,34 @@ func TestServiceStoryThroughTheAPI(t *testing.T) {
 		t.Logf("after the API server came back: slice updated in %s, traffic followed %s later (target: under 2s)",
 			seen.Sub(back).Round(time.Millisecond), answered.Sub(seen).Round(time.Millisecond))
 	})
+	t.Run("a node being drained fails /healthz, not /livez", func(t *testing.T) {
+		node, err := c.CoreV1().Nodes().Get(ctx, "node-1", metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		node.Spec.Taints = append(node.Spec.Taints, v1.Taint{Key: "ToBeDeletedByClusterAutoscaler", Effect: v1.TaintEffectNoSchedule})
+		if _, err := c.CoreV1().Nodes().Update(ctx, node, metav1.UpdateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		defer func() {
+			node, err := c.CoreV1().Nodes().Get(ctx, "node-1", metav1.GetOptions{})
+			if err == nil {
+				node.Spec.Taints = nil
+				c.CoreV1().Nodes().Update(ctx, node, metav1.UpdateOptions{})
+			}
+		}()
+		eventually(t, "/healthz says the node is not eligible", func() error {
+			body, err := l.Node.Curl(ctx, "http://127.0.0.1:10256/healthz")
+			if err != nil || !strings.Contains(body, `"nodeEligible":false`) {
+				return fmt.Errorf("%q, %v", body, err)
+			}
+			return nil
+		})
+		out, err := l.Node.Run(ctx, "curl", "-s", "-w", "%{http_code} ", "-o", "/dev/null", "http://127.0.0.1:10256/healthz", "-o", "/dev/null", "http://127.0.0.1:10256/livez")
+		if err != nil || strings.TrimSpace(string(out)) != "503 200" {
+			t.Errorf("/healthz and /livez answered %q, %v; want 503 and 200", out, err)
+		}
+	})
 	t.Run("deleting the Service removes its rules and listener", func(t *testing.T) {
 		if err := c.CoreV1().Services(ns).Delete(ctx, lab.ServiceName, metav1.DeleteOptions{}); err != nil {
 			t.Fatal(err)

@@ -24,6 +24,20 @@ type health struct {
 	mu          sync.Mutex
 	lastQueued  time.Time // oldest change not applied yet; zero when none
 	lastUpdated time.Time // last successful apply
+	ineligible  bool      // the Node is being deleted or drained
+}
+
+// setNodeEligible records whether this node may take load-balancer traffic.
+func (h *health) setNodeEligible(ok bool) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.ineligible = !ok
+}
+
+func (h *health) nodeEligible() bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return !h.ineligible
 }
 
 // queued records that a change waits to be applied.
@@ -83,8 +97,10 @@ func newHealthMetrics(reg prometheus.Registerer) (*healthMetrics, error) {
 }
 
 // serveHealth serves /healthz and /livez on addr until ctx is done, with
-// kube-proxy's JSON bodies. Without a Node to watch (the manifest source),
-// the node is always eligible, so /healthz and /livez agree.
+// kube-proxy's JSON bodies. /healthz also fails while the Node is being
+// deleted or drained, so that load balancers move away from it; /livez,
+// for liveness probes, does not. Without a Node to watch (the manifest
+// source) the node is always eligible.
 func serveHealth(ctx context.Context, addr string, h *health, m *healthMetrics, log logrus.FieldLogger) error {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
@@ -95,7 +111,9 @@ func serveHealth(ctx context.Context, addr string, h *health, m *healthMetrics, 
 			healthy, last, now := h.status()
 			body := map[string]any{"lastUpdated": last, "currentTime": now}
 			if withNode {
-				body["nodeEligible"] = true
+				eligible := h.nodeEligible()
+				body["nodeEligible"] = eligible
+				healthy = healthy && eligible
 			}
 			code := http.StatusOK
 			if !healthy {

@@ -189,6 +189,8 @@ func Run(ctx context.Context, cfg Config) error {
 				ServiceProxyName: cfg.ServiceProxyName,
 				ResyncPeriod:     cfg.ConfigSyncPeriod,
 				MinSyncPeriod:    cfg.MinSyncPeriod,
+				NodeName:         cfg.NodeName,
+				NodeEligible:     hl.setNodeEligible,
 				Log:              log,
 			}, publish)
 		}

@@ -46,7 +46,29 @@ type Config struct {
 	// burst at most two at once and then one per period, later changes
 	// waiting and being applied together. Zero means 1s.
 	MinSyncPeriod time.Duration
-	Log           logrus.FieldLogger
+	// NodeName and NodeEligible: when both are set, this node's Node
+	// object is watched and NodeEligible is told whether the node can take
+	// load-balancer traffic: not when it is being deleted or carries the
+	// cluster autoscaler's ToBeDeletedByClusterAutoscaler taint (kube-proxy's
+	// /healthz rule, KEP-3836).
+	NodeName     string
+	NodeEligible func(bool)
+	Log          logrus.FieldLogger
+}
+
+// TaintToBeDeleted is the cluster autoscaler's mark on a node it drains.
+const TaintToBeDeleted = "ToBeDeletedByClusterAutoscaler"
+
+func eligible(n *v1.Node) bool {
+	if n.DeletionTimestamp != nil {
+		return false
+	}
+	for _, t := range n.Spec.Taints {
+		if t.Key == TaintToBeDeleted {
+			return false
+		}
+	}
+	return true
 }
 
 // Run starts the informers and waits until both have their first full list
@@ -99,6 +121,24 @@ func Run(ctx context.Context, cfg Config, apply func([]*v1.Service, []*discovery
 	}
 	if _, err := slices.Informer().AddEventHandler(handler); err != nil {
 		return err
+	}
+	if cfg.NodeName != "" && cfg.NodeEligible != nil {
+		nodeFactory := informers.NewSharedInformerFactoryWithOptions(cfg.Client, resync,
+			informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.FieldSelector = "metadata.name=" + cfg.NodeName }))
+		defer nodeFactory.Shutdown()
+		report := func(obj any) {
+			if n, ok := obj.(*v1.Node); ok {
+				cfg.NodeEligible(eligible(n))
+			}
+		}
+		if _, err := nodeFactory.Core().V1().Nodes().Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
+			AddFunc:    report,
+			UpdateFunc: func(_, n any) { report(n) },
+			DeleteFunc: func(any) { cfg.NodeEligible(false) },
+		}); err != nil {
+			return err
+		}
+		nodeFactory.Start(ctx.Done())
 	}
 	svcFactory.Start(ctx.Done())
 	sliceFactory.Start(ctx.Done())
