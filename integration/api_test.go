@@ -29,7 +29,7 @@ var (
 
 // controlPlane starts the package's real control plane on first use.
 // Without the binaries the test fails: CI builds them (make test).
-func controlPlane(t *testing.T) *kubetestenv.Env {
+func controlPlane(t testing.TB) *kubetestenv.Env {
 	t.Helper()
 	apiOnce.Do(func() {
 		bin, err := kubetestenv.BinDir()
@@ -49,25 +49,46 @@ func controlPlane(t *testing.T) *kubetestenv.Env {
 	return apiEnv
 }
 
-// controlPlaneB is controlPlane for benchmarks.
-func controlPlaneB(b *testing.B) *kubetestenv.Env {
-	b.Helper()
-	apiOnce.Do(func() {
-		bin, err := kubetestenv.BinDir()
-		if err != nil {
-			apiErr = err
-			return
-		}
-		if apiDir, err = os.MkdirTemp("", "kup-controlplane-"); err != nil {
-			apiErr = err
-			return
-		}
-		apiEnv, apiErr = kubetestenv.Start(bin, apiDir)
-	})
-	if apiErr != nil {
-		b.Fatalf("control plane: %v", apiErr)
+// apiNamespace creates a namespace named after prefix for one test, and
+// deletes it when the test ends.
+func apiNamespace(tb testing.TB, c kubernetes.Interface, prefix string) string {
+	tb.Helper()
+	ctx := context.Background()
+	ns := fmt.Sprintf("%s-%d", prefix, time.Now().UnixNano()%1e9)
+	if _, err := c.CoreV1().Namespaces().Create(ctx, &v1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
+		tb.Fatal(err)
 	}
-	return apiEnv
+	tb.Cleanup(func() { c.CoreV1().Namespaces().Delete(ctx, ns, metav1.DeleteOptions{}) })
+	return ns
+}
+
+// ensureNode makes sure a Node object called name exists: the EndpointSlice
+// controller skips pods bound to nodes it does not know.
+func ensureNode(tb testing.TB, c kubernetes.Interface, name string) {
+	tb.Helper()
+	if _, err := c.CoreV1().Nodes().Create(context.Background(), &v1.Node{ObjectMeta: metav1.ObjectMeta{Name: name}}, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+		tb.Fatal(err)
+	}
+}
+
+// startAPIProxy starts the proxy in lab node node, as Node nodeName, under
+// kube-proxy's identity, reaching the control plane through a forward into
+// the node's namespace.
+func startAPIProxy(tb testing.TB, env *kubetestenv.Env, l *lab.Lab, node *lab.NS, nodeName string) *lab.Proc {
+	tb.Helper()
+	port, err := l.Forward(node, fmt.Sprintf("127.0.0.1:%d", env.APIPort))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	kubeconfig, err := env.Kubeconfig(node.Name+".kubeconfig", fmt.Sprintf("https://127.0.0.1:%d", port))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	proxy, err := l.StartProxyOn(node, tools, "", "--kubeconfig", kubeconfig, "--hostname-override", nodeName)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return proxy
 }
 
 // stopControlPlane is called by TestMain after the tests.
@@ -180,15 +201,8 @@ func TestServiceStoryThroughTheAPI(t *testing.T) {
 	env := controlPlane(t)
 	ctx := context.Background()
 	c := env.Admin
-	ns := fmt.Sprintf("story-%d", time.Now().UnixNano()%1e9)
-	if _, err := c.CoreV1().Namespaces().Create(ctx, &v1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.CoreV1().Namespaces().Delete(ctx, ns, metav1.DeleteOptions{}) })
-	node := &v1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-1"}}
-	if _, err := c.CoreV1().Nodes().Create(ctx, node, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
-		t.Fatal(err)
-	}
+	ns := apiNamespace(t, c, "story")
+	ensureNode(t, c, "node-1")
 
 	l := newLab(t)
 	client, err := l.AddPod("client", lab.ClientPod)
@@ -224,20 +238,7 @@ func TestServiceStoryThroughTheAPI(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	// The proxy in the node reaches the API server through a port of its
-	// own namespace's loopback, forwarded to the test's control plane.
-	port, err := l.Forward(l.Node, fmt.Sprintf("127.0.0.1:%d", env.APIPort))
-	if err != nil {
-		t.Fatal(err)
-	}
-	kubeconfig, err := env.Kubeconfig("proxy-"+ns+".kubeconfig", fmt.Sprintf("https://127.0.0.1:%d", port))
-	if err != nil {
-		t.Fatal(err)
-	}
-	proxy, err := l.StartProxy(tools, "", "--kubeconfig", kubeconfig, "--hostname-override", "node-1")
-	if err != nil {
-		t.Fatal(err)
-	}
+	proxy := startAPIProxy(t, env, l, l.Node, "node-1")
 	url := fmt.Sprintf("http://%s/", lab.ClusterIP)
 	// eventually retries f until it succeeds or 5s pass; the API is
 	// asynchronous (controller, watch), so this is waiting for a signal we

@@ -4,10 +4,8 @@ import (
 	"context"
 	"fmt"
 	"testing"
-	"time"
 
 	v1 "k8s.io/api/core/v1"
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 
@@ -23,11 +21,7 @@ func TestThreeNodes(t *testing.T) {
 	env := controlPlane(t)
 	ctx := context.Background()
 	c := env.Admin
-	ns := fmt.Sprintf("nodes-%d", time.Now().UnixNano()%1e9)
-	if _, err := c.CoreV1().Namespaces().Create(ctx, &v1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.CoreV1().Namespaces().Delete(ctx, ns, metav1.DeleteOptions{}) })
+	ns := apiNamespace(t, c, "nodes")
 
 	l := newLab(t)
 	names := []string{"node-a", "node-b", "node-c"}
@@ -41,9 +35,7 @@ func TestThreeNodes(t *testing.T) {
 	}
 	var clients []*lab.Pod
 	for i, name := range names {
-		if _, err := c.CoreV1().Nodes().Create(ctx, &v1.Node{ObjectMeta: metav1.ObjectMeta{Name: name}}, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
-			t.Fatal(err)
-		}
+		ensureNode(t, c, name)
 		w := lab.NewWebPod(i+1, "v1", 8080) // web-1 on node-a, web-2 on node-b, web-3 on node-c
 		if _, err := l.AddWebOn(nodes[i], tools, w); err != nil {
 			t.Fatal(err)
@@ -70,17 +62,7 @@ func TestThreeNodes(t *testing.T) {
 	k.waitSlices(t, "spread", "10.244.1.2", "10.244.2.2", "10.244.3.2")
 
 	for i, name := range names {
-		port, err := l.Forward(nodes[i], fmt.Sprintf("127.0.0.1:%d", env.APIPort))
-		if err != nil {
-			t.Fatal(err)
-		}
-		kubeconfig, err := env.Kubeconfig("proxy-"+ns+"-"+name+".kubeconfig", fmt.Sprintf("https://127.0.0.1:%d", port))
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := l.StartProxyOn(nodes[i], tools, "", "--kubeconfig", kubeconfig, "--hostname-override", name); err != nil {
-			t.Fatal(err)
-		}
+		startAPIProxy(t, env, l, nodes[i], name)
 	}
 
 	for i, client := range clients {

@@ -4,14 +4,12 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"os"
 	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	v1 "k8s.io/api/core/v1"
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 
@@ -32,17 +30,11 @@ func BenchmarkNetworkProgramming(b *testing.B) {
 	// has a Service address of its own.
 	benchRuns++
 	vip := fmt.Sprintf("10.96.0.%d", 40+benchRuns)
-	env := controlPlaneB(b)
+	env := controlPlane(b)
 	ctx := context.Background()
 	c := env.Admin
-	ns := fmt.Sprintf("latency-%d", time.Now().UnixNano()%1e9)
-	if _, err := c.CoreV1().Namespaces().Create(ctx, &v1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
-		b.Fatal(err)
-	}
-	defer c.CoreV1().Namespaces().Delete(ctx, ns, metav1.DeleteOptions{})
-	if _, err := c.CoreV1().Nodes().Create(ctx, &v1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-1"}}, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
-		b.Fatal(err)
-	}
+	ns := apiNamespace(b, c, "latency")
+	ensureNode(b, c, "node-1")
 	l, err := lab.New()
 	if err != nil {
 		b.Fatal(err)
@@ -65,18 +57,7 @@ func BenchmarkNetworkProgramming(b *testing.B) {
 	if _, err := c.CoreV1().Services(ns).Create(ctx, svc, metav1.CreateOptions{}); err != nil {
 		b.Fatal(err)
 	}
-	port, err := l.Forward(l.Node, fmt.Sprintf("127.0.0.1:%d", env.APIPort))
-	if err != nil {
-		b.Fatal(err)
-	}
-	kubeconfig, err := env.Kubeconfig("proxy-"+ns+".kubeconfig", fmt.Sprintf("https://127.0.0.1:%d", port))
-	if err != nil {
-		b.Fatal(err)
-	}
-	proxy, err := l.StartProxy(tools, "", "--kubeconfig", kubeconfig, "--hostname-override", "node-1")
-	if err != nil {
-		b.Fatal(err)
-	}
+	startAPIProxy(b, env, l, l.Node, "node-1")
 	// who asks the Service once, on a new connection, and says which
 	// server answered.
 	who := func() string {
@@ -147,12 +128,6 @@ func BenchmarkNetworkProgramming(b *testing.B) {
 			}
 		}
 		lat = append(lat, time.Since(changed))
-		if os.Getenv("KUP_BENCH_DEBUG") != "" {
-			b.Logf("change %d: slice seen %s, traffic followed %s later", i, changed.Format(time.RFC3339Nano), time.Since(changed))
-		}
-	}
-	if os.Getenv("KUP_BENCH_DEBUG") != "" {
-		b.Log(proxy.Output())
 	}
 	b.StopTimer()
 	slices.Sort(lat)

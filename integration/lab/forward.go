@@ -17,54 +17,20 @@ import (
 // connection to it is carried by this process to target. A socket keeps the
 // namespace it was made in, so one process can join the two. Close stops it.
 func (l *Lab) Forward(n *NS, target string) (int, error) {
-	type result struct {
-		ln  net.Listener
-		err error
+	var ln net.Listener
+	err := n.visit(func() (err error) {
+		ln, err = net.Listen("tcp", "127.0.0.1:0")
+		return err
+	})
+	if err != nil {
+		return 0, fmt.Errorf("listen in %s: %w", n.Name, err)
 	}
-	res := make(chan result, 1)
-	go func() {
-		// This thread visits n and comes back. It must come back rather
-		// than be discarded: processes started with Pdeathsig (the lab's,
-		// the control plane's) are killed when the thread that started
-		// them exits, and any thread may have started one. Only if the way
-		// back fails is the thread left locked, so the runtime ends it
-		// instead of running other goroutines inside n.
-		runtime.LockOSThread()
-		home, err := unix.Open("/proc/thread-self/ns/net", unix.O_RDONLY|unix.O_CLOEXEC, 0)
-		if err != nil {
-			runtime.UnlockOSThread()
-			res <- result{err: err}
-			return
-		}
-		defer unix.Close(home)
-		fd, err := unix.Open("/var/run/netns/"+n.Name, unix.O_RDONLY|unix.O_CLOEXEC, 0)
-		if err != nil {
-			runtime.UnlockOSThread()
-			res <- result{err: err}
-			return
-		}
-		defer unix.Close(fd)
-		if err := unix.Setns(fd, unix.CLONE_NEWNET); err != nil {
-			runtime.UnlockOSThread()
-			res <- result{err: err}
-			return
-		}
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if unix.Setns(home, unix.CLONE_NEWNET) == nil {
-			runtime.UnlockOSThread()
-		}
-		res <- result{ln, err}
-	}()
-	r := <-res
-	if r.err != nil {
-		return 0, fmt.Errorf("listen in %s: %w", n.Name, r.err)
-	}
-	f := &forwarder{ln: r.ln, target: target}
+	f := &forwarder{ln: ln, target: target}
 	l.mu.Lock()
 	l.forwarders = append(l.forwarders, f)
 	l.mu.Unlock()
 	f.wg.Go(f.serve)
-	return r.ln.Addr().(*net.TCPAddr).Port, nil
+	return ln.Addr().(*net.TCPAddr).Port, nil
 }
 
 type forwarder struct {
@@ -117,42 +83,51 @@ func (f *forwarder) close() {
 	f.wg.Wait()
 }
 
-// Dial connects to addr from inside namespace n: the socket is made by a
-// thread that visits n and comes back (see Forward), so a test can be a
-// client inside a pod without starting a process per request.
-func (n *NS) Dial(network, addr string) (net.Conn, error) {
-	type result struct {
-		c   net.Conn
-		err error
-	}
-	res := make(chan result, 1)
+// Dial connects to addr from inside namespace n (see visit), so a test can
+// be a client inside a pod without starting a process per request.
+func (n *NS) Dial(network, addr string) (c net.Conn, err error) {
+	err = n.visit(func() error {
+		c, err = net.DialTimeout(network, addr, 2*time.Second)
+		return err
+	})
+	return c, err
+}
+
+// visit runs f on a thread that has entered namespace n, so sockets f makes
+// belong to n (a socket keeps the namespace it was made in), then brings the
+// thread back. It must come back rather than be discarded: processes
+// started with Pdeathsig (the lab's, the control plane's) are killed when
+// the thread that started them exits, and any thread may have started one.
+// Only if the way back fails is the thread left locked, so the runtime ends
+// it instead of running other goroutines inside n.
+func (n *NS) visit(f func() error) error {
+	done := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()
 		home, err := unix.Open("/proc/thread-self/ns/net", unix.O_RDONLY|unix.O_CLOEXEC, 0)
 		if err != nil {
 			runtime.UnlockOSThread()
-			res <- result{err: err}
+			done <- err
 			return
 		}
 		defer unix.Close(home)
 		fd, err := unix.Open("/var/run/netns/"+n.Name, unix.O_RDONLY|unix.O_CLOEXEC, 0)
 		if err != nil {
 			runtime.UnlockOSThread()
-			res <- result{err: err}
+			done <- err
 			return
 		}
 		defer unix.Close(fd)
 		if err := unix.Setns(fd, unix.CLONE_NEWNET); err != nil {
 			runtime.UnlockOSThread()
-			res <- result{err: err}
+			done <- err
 			return
 		}
-		c, err := net.DialTimeout(network, addr, 2*time.Second)
+		err = f()
 		if unix.Setns(home, unix.CLONE_NEWNET) == nil {
 			runtime.UnlockOSThread()
 		}
-		res <- result{c, err}
+		done <- err
 	}()
-	r := <-res
-	return r.c, r.err
+	return <-done
 }

@@ -45,9 +45,10 @@ func (b *Balancer) now() time.Time {
 
 // Update replaces the endpoints and the affinity settings. An unchanged
 // endpoint set (in any order) keeps its round-robin position; a changed one
-// starts again at a random endpoint. Pins to endpoints that are gone are dropped, and all pins
+// starts again at a random endpoint. It reports whether the endpoint set
+// changed. Pins to endpoints that are gone are dropped, and all pins
 // are dropped when affinity is turned off.
-func (b *Balancer) Update(endpoints []netip.AddrPort, affinity service.Affinity) {
+func (b *Balancer) Update(endpoints []netip.AddrPort, affinity service.Affinity) (changed bool) {
 	if affinity.ClientIP && affinity.Timeout <= 0 {
 		affinity.Timeout = service.DefaultAffinityTimeout
 	}
@@ -60,7 +61,7 @@ func (b *Balancer) Update(endpoints []netip.AddrPort, affinity service.Affinity)
 	endpoints = slices.Clone(endpoints)
 	slices.SortFunc(endpoints, netip.AddrPort.Compare)
 	if slices.Equal(b.endpoints, endpoints) {
-		return
+		return false
 	}
 	b.endpoints = endpoints
 	// Start the rotation at a random endpoint, as upstream shuffled its list:
@@ -74,6 +75,7 @@ func (b *Balancer) Update(endpoints []netip.AddrPort, affinity service.Affinity)
 			delete(b.pins, client)
 		}
 	}
+	return true
 }
 
 // Choice is the order in which one new connection tries endpoints: first the

@@ -207,11 +207,14 @@ func (ls *Listeners) Sync(s service.Snapshot, binds Binds) (map[service.Key][]ne
 				m: ls.cfg.Metrics.forProtocol(p.Protocol), sockets: map[netip.AddrPort]socket{}}
 			ls.active[p.Key()] = l
 		}
-		l.bal.Update(p.Endpoints, p.Affinity)
-		l.bal.ExpirePins()
-		for _, sock := range l.sockets {
-			sock.endpointsChanged()
+		// Only a changed endpoint set can strand UDP sessions; an
+		// unchanged one (every periodic sync) costs nothing more.
+		if l.bal.Update(p.Endpoints, p.Affinity) {
+			for _, sock := range l.sockets {
+				sock.endpointsChanged()
+			}
 		}
+		l.bal.ExpirePins()
 		wanted := map[netip.AddrPort]bool{}
 		ls.wantedBinds[p.Key()] = wanted
 		for _, want := range binds(p) {
