@@ -379,16 +379,24 @@ kube_userspace_proxy_dns_forwarded_total 1
 	}
 }
 
-// listenBoth opens UDP and TCP on one loopback port.
+// listenBoth opens UDP and TCP on one loopback port. The kernel picks a
+// free UDP port; the same TCP port may be taken by another test running in
+// parallel, so a few ports are tried.
 func listenBoth(t *testing.T) (net.PacketConn, net.Listener) {
 	t.Helper()
-	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	var lastErr error
+	for range 10 {
+		pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		ln, err := net.Listen("tcp", pc.LocalAddr().String())
+		if err == nil {
+			return pc, ln
+		}
+		pc.Close()
+		lastErr = err
 	}
-	ln, err := net.Listen("tcp", pc.LocalAddr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	return pc, ln
+	t.Fatal(lastErr)
+	return nil, nil
 }
