@@ -108,6 +108,7 @@ func BenchmarkNetworkProgramming(b *testing.B) {
 		for j := range pod.Status.Conditions {
 			if pod.Status.Conditions[j].Type == v1.PodReady {
 				pod.Status.Conditions[j].Status = map[bool]v1.ConditionStatus{true: v1.ConditionTrue, false: v1.ConditionFalse}[ready]
+				pod.Status.Conditions[j].LastTransitionTime = metav1.Now()
 			}
 		}
 		if _, err := c.CoreV1().Pods(ns).UpdateStatus(ctx, pod, metav1.UpdateOptions{}); err != nil {

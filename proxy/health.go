@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -73,6 +74,10 @@ type healthMetrics struct {
 	syncDuration   prometheus.Histogram
 	lastSync       prometheus.Gauge
 	lastQueued     prometheus.Gauge
+	// networkProgramming is kube-proxy's SLI: from the change behind an
+	// EndpointSlice write (its last-change-trigger-time annotation) to
+	// that change being served.
+	networkProgramming prometheus.Histogram
 }
 
 func newHealthMetrics(reg prometheus.Registerer) (*healthMetrics, error) {
@@ -87,8 +92,15 @@ func newHealthMetrics(reg prometheus.Registerer) (*healthMetrics, error) {
 			Help: "The last time proxy rules were successfully synced"}),
 		lastQueued: prometheus.NewGauge(prometheus.GaugeOpts{Subsystem: "kubeproxy", Name: "sync_proxy_rules_last_queued_timestamp_seconds",
 			Help: "The last time a sync of proxy rules was queued"}),
+		networkProgramming: prometheus.NewHistogram(prometheus.HistogramOpts{Subsystem: "kubeproxy", Name: "network_programming_duration_seconds",
+			Help: "In Cluster Network Programming Latency in seconds", Buckets: slices.Concat(
+				prometheus.LinearBuckets(0.25, 0.25, 2), // 0.25s, 0.5s
+				prometheus.LinearBuckets(1, 1, 59),      // 1s ... 59s
+				prometheus.LinearBuckets(60, 5, 12),     // 60s ... 115s
+				prometheus.LinearBuckets(120, 30, 7),    // 2min ... 5min
+			)}),
 	}
-	for _, c := range []prometheus.Collector{m.healthz, m.livez, m.syncDuration, m.lastSync, m.lastQueued} {
+	for _, c := range []prometheus.Collector{m.healthz, m.livez, m.syncDuration, m.lastSync, m.lastQueued, m.networkProgramming} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

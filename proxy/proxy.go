@@ -173,14 +173,14 @@ func Run(ctx context.Context, cfg Config) error {
 	}).Info("Starting kube-userspace-proxy")
 
 	p := &proxier{log: log, listeners: listeners, front: front, dns: dns, stub: stub, health: hl, metrics: hm}
-	snaps := make(chan service.Snapshot, 1)
+	snaps := make(chan change, 1)
 	g, ctx := errgroup.WithContext(ctx)
 	// Both sources end in the same place: Services and EndpointSlices,
 	// turned into one snapshot and offered to the apply loop.
-	publish := func(services []*v1.Service, slices []*discovery.EndpointSlice) {
+	publish := func(u watch.Update) {
 		hl.queued()
 		hm.lastQueued.SetToCurrentTime()
-		offer(snaps, p.build(services, slices, cfg.NodeName))
+		offer(snaps, change{snap: p.build(u.Services, u.EndpointSlices, cfg.NodeName), triggers: u.Triggers})
 	}
 	g.Go(func() error {
 		if cfg.Manifests == "" {
@@ -198,7 +198,10 @@ func Run(ctx context.Context, cfg Config) error {
 		err := w.Run(ctx, func(objs *manifest.Objects) {
 			// Pods become EndpointSlices as a cluster's controller would
 			// make them.
-			publish(objs.Services, slices.Concat(objs.EndpointSlices, manifest.PodSlices(objs.Services, objs.Pods)))
+			publish(watch.Update{
+				Services:       objs.Services,
+				EndpointSlices: slices.Concat(objs.EndpointSlices, manifest.PodSlices(objs.Services, objs.Pods)),
+			})
 		})
 		if err != nil {
 			return fmt.Errorf("manifest %s: %w", cfg.Manifests, err)
@@ -225,14 +228,24 @@ func Run(ctx context.Context, cfg Config) error {
 	return err
 }
 
-// offer hands s to the apply loop, replacing a snapshot the loop has not
-// taken yet: only the newest state matters. There is one sender.
-func offer(ch chan service.Snapshot, s service.Snapshot) {
+// change is what the apply loop is offered: the new desired state, and when
+// the changes that led to it happened, for the network programming
+// latency.
+type change struct {
+	snap     service.Snapshot
+	triggers []time.Time
+}
+
+// offer hands c to the apply loop, replacing a change the loop has not
+// taken yet: only the newest state matters, but the trigger times of both
+// are kept. There is one sender.
+func offer(ch chan change, c change) {
 	select {
-	case <-ch:
+	case old := <-ch:
+		c.triggers = append(old.triggers, c.triggers...)
 	default:
 	}
-	ch <- s
+	ch <- c
 }
 
 // Cleanup removes what any mode of ours added to the node (--cleanup): our
@@ -277,6 +290,8 @@ type proxier struct {
 	metrics   *healthMetrics
 	current   service.Snapshot
 	bound     map[service.Key][]netip.AddrPort
+	// triggers are the trigger times of changes not applied yet.
+	triggers []time.Time
 }
 
 // build makes the Snapshot for Services and EndpointSlices, from either
@@ -289,7 +304,7 @@ func (p *proxier) build(services []*v1.Service, endpointSlices []*discovery.Endp
 	return s
 }
 
-func (p *proxier) loop(ctx context.Context, snaps <-chan service.Snapshot, period time.Duration) {
+func (p *proxier) loop(ctx context.Context, changes <-chan change, period time.Duration) {
 	tick := time.NewTicker(period)
 	defer tick.Stop()
 	synced := false
@@ -297,8 +312,9 @@ func (p *proxier) loop(ctx context.Context, snaps <-chan service.Snapshot, perio
 		select {
 		case <-ctx.Done():
 			return
-		case s := <-snaps:
-			p.apply(s)
+		case c := <-changes:
+			p.triggers = append(p.triggers, c.triggers...)
+			p.apply(c.snap)
 			synced = true
 		case <-tick.C:
 			if synced {
@@ -338,6 +354,10 @@ func (p *proxier) apply(s service.Snapshot) {
 	p.health.updated()
 	p.metrics.syncDuration.Observe(time.Since(start).Seconds())
 	p.metrics.lastSync.SetToCurrentTime()
+	for _, t := range p.triggers {
+		p.metrics.networkProgramming.Observe(time.Since(t).Seconds())
+	}
+	p.triggers = nil
 	p.log.WithFields(logrus.Fields{"servicePorts": len(s.Ports), "duration": time.Since(start).Round(time.Microsecond)}).Debug("Synced")
 }
 

@@ -1,26 +1,36 @@
-// Package watch is the proxy's source in a cluster: client-go informers on
-// Services and EndpointSlices, as kube-proxy has them (its
+// Package watch is the proxy's source in a cluster: Services and
+// EndpointSlices from the API server, as kube-proxy watches them (its
 // cmd/kube-proxy/app/server.go and pkg/proxy/config).
 //
-// Informers keep a local cache of every object, updated by a watch on the
-// API server. Event handlers here only say "something changed"; one loop
-// then reads the whole cache and hands it on, so a burst of events becomes
-// one apply, and a delete, an endpoint moving from one slice to another or
-// a missed event can never leave stale state: the state is always rebuilt
-// from the cache, which is keyed per object (per slice name).
+// A client-go reflector lists every object of a kind once, then watches for
+// changes, and keeps the latest copy of each object in a store. Our stores
+// only say "something changed"; one loop then reads both whole stores and
+// hands them on, so a burst of events becomes one apply, and a delete, an
+// endpoint moving from one slice to another or a missed event can never
+// leave stale state: the state is always rebuilt from the stores, which
+// are keyed per object (per slice name).
+//
+// We run reflectors directly rather than client-go's shared informers for
+// one reason: informers do not let us set how reflectors retry, and their
+// default backs off to 30-60s while the API server is down, so a change made
+// just after an outage could wait half a minute. See reconnect.
 package watch
 
 import (
 	"context"
 	"errors"
+	"math"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/sirupsen/logrus"
 	v1 "k8s.io/api/core/v1"
 	discovery "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/labels"
-	"k8s.io/client-go/informers"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/util/wait"
+	apiwatch "k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/cache"
 )
@@ -30,6 +40,22 @@ import (
 // --service-proxy-name NAME serves exactly those with that value.
 const LabelServiceProxyName = "service.kubernetes.io/service-proxy-name"
 
+// reconnect is how our reflectors retry when a list or watch fails: 0.5s,
+// growing to 1s, each wait stretched by up to 20% so that nodes do not
+// retry in step. After an API server outage of any length, a change made
+// once it is back reaches us within about 1.2s plus one list. The cost is
+// a request per second per watched kind while the API server is away; a
+// refused connection costs it nothing, and an API server that is up but
+// overloaded answers 429 with Retry-After, which client-go's REST client
+// honours on its own.
+var reconnect = wait.Backoff{
+	Duration: 500 * time.Millisecond,
+	Factor:   1.5,
+	Jitter:   0.2,
+	Steps:    math.MaxInt32,
+	Cap:      time.Second,
+}
+
 // Config says what to watch. Zero fields take the defaults their comments
 // give.
 type Config struct {
@@ -38,8 +64,9 @@ type Config struct {
 	// service.kubernetes.io/service-proxy-name=<it>; empty selects the
 	// Services without that label, as kube-proxy does.
 	ServiceProxyName string
-	// ResyncPeriod is the informers' resync (--config-sync-period). Zero
-	// means 15m, kube-proxy's default.
+	// ResyncPeriod is how often everything is handed on again even
+	// without a change (--config-sync-period, the informers' resync in
+	// kube-proxy). Zero means 15m, kube-proxy's default.
 	ResyncPeriod time.Duration
 	// MinSyncPeriod bounds how often changes are applied
 	// (--iptables-min-sync-period): a sparse change is applied at once, a
@@ -54,6 +81,18 @@ type Config struct {
 	NodeName     string
 	NodeEligible func(bool)
 	Log          logrus.FieldLogger
+}
+
+// Update is the whole watched state at one moment.
+type Update struct {
+	Services       []*v1.Service
+	EndpointSlices []*discovery.EndpointSlice
+	// Triggers are the last-change-trigger-time annotations of the slices
+	// that changed since the previous Update: when the change that led to
+	// each slice write happened (a pod became ready, say). The time from
+	// there to the change being applied is kube-proxy's network
+	// programming latency.
+	Triggers []time.Time
 }
 
 // TaintToBeDeleted is the cluster autoscaler's mark on a node it drains.
@@ -71,12 +110,13 @@ func eligible(n *v1.Node) bool {
 	return true
 }
 
-// Run starts the informers and waits until both have their first full list
-// (nothing is applied from a half-known cluster), then calls apply with
-// every Service and EndpointSlice: once, and again after changes, never
-// more often than MinSyncPeriod, never concurrently. It returns when ctx is
-// done, or with an error if the caches cannot sync.
-func Run(ctx context.Context, cfg Config, apply func([]*v1.Service, []*discovery.EndpointSlice)) error {
+// Run starts the reflectors and waits until both Services and
+// EndpointSlices have their first full list (nothing is applied from a
+// half-known cluster), then calls apply with every Service and
+// EndpointSlice: once, and again after changes, never more often than
+// MinSyncPeriod allows, never concurrently. It returns when ctx is done,
+// or with an error if ctx ends before the first lists arrived.
+func Run(ctx context.Context, cfg Config, apply func(Update)) error {
 	resync := cfg.ResyncPeriod
 	if resync == 0 {
 		resync = 15 * time.Minute
@@ -90,18 +130,6 @@ func Run(ctx context.Context, cfg Config, apply func([]*v1.Service, []*discovery
 		selector = LabelServiceProxyName + "=" + cfg.ServiceProxyName
 	}
 
-	ctx, cancel := context.WithCancel(ctx)
-	// Services: only ours. Headless Services are watched too (kube-proxy
-	// skips them) because the DNS stub answers for them.
-	svcFactory := informers.NewSharedInformerFactoryWithOptions(cfg.Client, resync,
-		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.LabelSelector = selector }))
-	// EndpointSlices: all of them, headless ones included, for the same
-	// reason; the snapshot ignores those of Services it does not proxy.
-	sliceFactory := informers.NewSharedInformerFactory(cfg.Client, resync)
-	defer svcFactory.Shutdown()
-	defer sliceFactory.Shutdown()
-	defer cancel() // runs first: stops the informers, then Shutdown waits for them
-
 	changed := make(chan struct{}, 1)
 	nudge := func() {
 		select {
@@ -109,47 +137,56 @@ func Run(ctx context.Context, cfg Config, apply func([]*v1.Service, []*discovery
 		default: // a sync is already pending
 		}
 	}
-	handler := cache.ResourceEventHandlerFuncs{
-		AddFunc:    func(any) { nudge() },
-		UpdateFunc: func(any, any) { nudge() },
-		DeleteFunc: func(any) { nudge() },
+	// Services: only ours. Headless Services are watched too (kube-proxy
+	// skips them) because the DNS stub answers for them.
+	services := newStore[*v1.Service](nudge)
+	// EndpointSlices: all of them, headless ones included, for the same
+	// reason; the snapshot ignores those of Services it does not proxy.
+	slices := newStore[*discovery.EndpointSlice](nudge)
+	slices.triggers = &triggers{since: time.Now()}
+
+	ctx, cancel := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer cancel() // runs first: stops the reflectors, then wg waits for them
+	run := func(lw cache.ListerWatcher, typ runtime.Object, store cache.ReflectorStore) {
+		r := cache.NewReflectorWithOptions(lw, typ, store, cache.ReflectorOptions{
+			ResyncPeriod: resync,
+			Backoff:      &reconnect,
+		})
+		wg.Go(func() { r.RunWithContext(ctx) })
 	}
-	services := svcFactory.Core().V1().Services()
-	slices := sliceFactory.Discovery().V1().EndpointSlices()
-	if _, err := services.Informer().AddEventHandler(handler); err != nil {
-		return err
-	}
-	if _, err := slices.Informer().AddEventHandler(handler); err != nil {
-		return err
-	}
+	core, disc := cfg.Client.CoreV1(), cfg.Client.DiscoveryV1()
+	run(listWatch(func(o *metav1.ListOptions) { o.LabelSelector = selector },
+		core.Services(metav1.NamespaceAll).List, core.Services(metav1.NamespaceAll).Watch),
+		&v1.Service{}, services)
+	run(listWatch(nil, disc.EndpointSlices(metav1.NamespaceAll).List, disc.EndpointSlices(metav1.NamespaceAll).Watch),
+		&discovery.EndpointSlice{}, slices)
 	if cfg.NodeName != "" && cfg.NodeEligible != nil {
-		nodeFactory := informers.NewSharedInformerFactoryWithOptions(cfg.Client, resync,
-			informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.FieldSelector = "metadata.name=" + cfg.NodeName }))
-		defer nodeFactory.Shutdown()
-		report := func(obj any) {
-			if n, ok := obj.(*v1.Node); ok {
-				cfg.NodeEligible(eligible(n))
+		// One Node: ours. Its store reports on every change; a Node not
+		// created yet leaves the node eligible, a deleted one does not.
+		var node *store[*v1.Node]
+		var seen atomic.Bool
+		node = newStore[*v1.Node](func() {
+			n, ok := node.get(cfg.NodeName)
+			if ok || seen.Load() {
+				seen.Store(true)
+				cfg.NodeEligible(ok && eligible(n))
 			}
-		}
-		if _, err := nodeFactory.Core().V1().Nodes().Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
-			AddFunc:    report,
-			UpdateFunc: func(_, n any) { report(n) },
-			DeleteFunc: func(any) { cfg.NodeEligible(false) },
-		}); err != nil {
-			return err
-		}
-		nodeFactory.Start(ctx.Done())
+		})
+		run(listWatch(func(o *metav1.ListOptions) { o.FieldSelector = "metadata.name=" + cfg.NodeName },
+			core.Nodes().List, core.Nodes().Watch),
+			&v1.Node{}, node)
 	}
-	svcFactory.Start(ctx.Done())
-	sliceFactory.Start(ctx.Done())
+
 	if cfg.Log != nil {
-		cfg.Log.Info("Waiting for the Service and EndpointSlice caches to sync")
+		cfg.Log.Info("Waiting for the first lists of Services and EndpointSlices")
 	}
-	if !cache.WaitForCacheSync(ctx.Done(), services.Informer().HasSynced, slices.Informer().HasSynced) {
+	if !cache.WaitForCacheSync(ctx.Done(), services.hasSynced, slices.hasSynced) {
 		if ctx.Err() != nil {
 			return nil
 		}
-		return errors.New("the Service and EndpointSlice caches did not sync")
+		return errors.New("the Service and EndpointSlice lists did not arrive")
 	}
 
 	// Changes are applied at once while they are sparse, and at most once
@@ -157,15 +194,7 @@ func Run(ctx context.Context, cfg Config, apply func([]*v1.Service, []*discovery
 	// kube-proxy's BoundedFrequencyRunner (minSyncPeriod, burst 2).
 	bucket := &tokens{burst: 2, every: minSync, have: 2, at: time.Now()}
 	for {
-		svcs, err := services.Lister().List(labels.Everything())
-		if err != nil {
-			return err
-		}
-		eps, err := slices.Lister().List(labels.Everything())
-		if err != nil {
-			return err
-		}
-		apply(svcs, eps)
+		apply(Update{Services: services.list(), EndpointSlices: slices.list(), Triggers: slices.triggers.take()})
 		select {
 		case <-ctx.Done():
 			return nil
@@ -176,6 +205,27 @@ func Run(ctx context.Context, cfg Config, apply func([]*v1.Service, []*discovery
 			return nil
 		case <-time.After(bucket.take(time.Now())):
 		}
+	}
+}
+
+// listWatch lists and watches with the typed client's List and Watch,
+// after tweak sets the selectors.
+func listWatch[L runtime.Object](tweak func(*metav1.ListOptions),
+	list func(context.Context, metav1.ListOptions) (L, error),
+	watch func(context.Context, metav1.ListOptions) (apiwatch.Interface, error),
+) cache.ListerWatcher {
+	if tweak == nil {
+		tweak = func(*metav1.ListOptions) {}
+	}
+	return &cache.ListWatch{
+		ListWithContextFunc: func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
+			tweak(&o)
+			return list(ctx, o)
+		},
+		WatchFuncWithContext: func(ctx context.Context, o metav1.ListOptions) (apiwatch.Interface, error) {
+			tweak(&o)
+			return watch(ctx, o)
+		},
 	}
 }
 

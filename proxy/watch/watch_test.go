@@ -3,6 +3,10 @@ package watch
 import (
 	"testing"
 	"time"
+
+	v1 "k8s.io/api/core/v1"
+	discovery "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
 
 // TestTokens: sparse changes go at once; a burst gets two at once, then
@@ -25,5 +29,45 @@ func TestTokens(t *testing.T) {
 		if d := got - s.wait; d > time.Millisecond || d < -time.Millisecond {
 			t.Errorf("step %d: wait %s, want %s", i, got, s.wait)
 		}
+	}
+}
+
+// TestStoreTriggers: a slice's trigger time is taken once per new value,
+// never for a resync or relist of the same slice, never from before the
+// proxy started; every change nudges the loop.
+func TestStoreTriggers(t *testing.T) {
+	start := time.Now()
+	nudges := 0
+	s := newStore[*discovery.EndpointSlice](func() { nudges++ })
+	s.triggers = &triggers{since: start}
+	slice := func(name string, at time.Time) *discovery.EndpointSlice {
+		return &discovery.EndpointSlice{ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: name,
+			Annotations: map[string]string{v1.EndpointsLastChangeTriggerTime: at.UTC().Format(time.RFC3339Nano)}}}
+	}
+	t1, t2 := start.Add(time.Second), start.Add(2*time.Second)
+	steps := []struct {
+		what string
+		do   func()
+		want []time.Time
+	}{
+		{"first list, a change from before we started", func() { s.Replace([]any{slice("a", start.Add(-time.Hour))}, "1") }, nil},
+		{"new trigger time", func() { s.Update(slice("a", t1)) }, []time.Time{t1}},
+		{"the same slice again", func() { s.Update(slice("a", t1)) }, nil},
+		{"relist: same a, new b", func() { s.Replace([]any{slice("a", t1), slice("b", t2)}, "2") }, []time.Time{t2}},
+		{"delete", func() { s.Delete(slice("a", t1)) }, nil},
+		{"added back", func() { s.Add(slice("a", t1)) }, []time.Time{t1}},
+	}
+	for i, st := range steps {
+		st.do()
+		got := s.triggers.take()
+		if len(got) != len(st.want) || (len(got) == 1 && !got[0].Equal(st.want[0])) {
+			t.Errorf("%s: triggers %v, want %v", st.what, got, st.want)
+		}
+		if nudges != i+1 {
+			t.Errorf("%s: %d nudges after %d changes", st.what, nudges, i+1)
+		}
+	}
+	if !s.hasSynced() || len(s.list()) != 2 {
+		t.Errorf("synced %v, %d objects; want true, 2", s.hasSynced(), len(s.list()))
 	}
 }
