@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 
 	"github.com/sirupsen/logrus"
@@ -40,8 +41,10 @@ type frontend interface {
 	// point makes the Service addresses of s, and the cluster DNS IP when
 	// dns is not nil, lead to the sockets that were bound for them. It is
 	// called after the sockets are open and before unwanted ones are
-	// closed.
-	point(s service.Snapshot, bound map[service.Key][]netip.AddrPort, dns *dnsTarget) error
+	// closed. With full unset it may skip writing what it wrote last time;
+	// full (the periodic pass) writes everything again, putting back what
+	// someone else removed. It reports whether it wrote anything.
+	point(s service.Snapshot, bound map[service.Key][]netip.AddrPort, dns *dnsTarget, full bool) (bool, error)
 }
 
 // redirectFrontend points Service addresses at listeners with iptables.
@@ -49,6 +52,8 @@ type redirectFrontend struct {
 	log       logrus.FieldLogger
 	table     *iptables.Table
 	listeners *userspace.Listeners
+	// written is what the last successful point wrote.
+	written []iptables.Redirect
 }
 
 func (f *redirectFrontend) mode() string { return ModeRedirect }
@@ -61,7 +66,7 @@ func (f *redirectFrontend) dnsListen(netip.Addr) netip.AddrPort {
 	return f.listeners.RedirectBinds(nil)[0]
 }
 
-func (f *redirectFrontend) point(s service.Snapshot, bound map[service.Key][]netip.AddrPort, dns *dnsTarget) error {
+func (f *redirectFrontend) point(s service.Snapshot, bound map[service.Key][]netip.AddrPort, dns *dnsTarget, full bool) (bool, error) {
 	ports := make(map[service.Key]int, len(bound))
 	for k, addrs := range bound {
 		ports[k] = int(addrs[0].Port())
@@ -70,7 +75,17 @@ func (f *redirectFrontend) point(s service.Snapshot, bound map[service.Key][]net
 	for _, c := range conflicts {
 		f.log.WithError(c).Error("Service address not served")
 	}
-	return f.table.Sync(rs)
+	// Most changes are endpoint changes, which leave every rule as it was:
+	// the listeners alone follow them, and iptables is not run.
+	if !full && f.written != nil && slices.Equal(rs, f.written) {
+		return false, nil
+	}
+	f.written = nil
+	if err := f.table.Sync(rs); err != nil {
+		return true, err
+	}
+	f.written = rs
+	return true, nil
 }
 
 // redirects lists the rules for s, and for the DNS stub when dns is not
@@ -170,7 +185,7 @@ func serviceIPs(p *service.Port) []netip.Addr {
 // point adds the addresses of every service port that has a socket, and
 // removes ours that no Service uses any more. The sockets were bound before
 // the addresses existed (IP_FREEBIND), so traffic finds them listening.
-func (f *bindFrontend) point(s service.Snapshot, bound map[service.Key][]netip.AddrPort, dns *dnsTarget) error {
+func (f *bindFrontend) point(s service.Snapshot, bound map[service.Key][]netip.AddrPort, dns *dnsTarget, _ bool) (bool, error) {
 	var want []netip.Addr
 	if dns != nil {
 		want = append(want, dns.ip)
@@ -182,7 +197,7 @@ func (f *bindFrontend) point(s service.Snapshot, bound map[service.Key][]netip.A
 		}
 		want = append(want, serviceIPs(p)...)
 	}
-	return f.device.Sync(dedupe(want))
+	return true, f.device.Sync(dedupe(want))
 }
 
 func dedupe(ips []netip.Addr) []netip.Addr {

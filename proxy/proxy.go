@@ -314,18 +314,18 @@ func (p *proxier) loop(ctx context.Context, changes <-chan change, period time.D
 			return
 		case c := <-changes:
 			p.triggers = append(p.triggers, c.triggers...)
-			p.apply(c.snap)
+			p.apply(c.snap, false)
 			synced = true
 		case <-tick.C:
 			if synced {
-				p.apply(p.current)
+				p.apply(p.current, true)
 			}
 		}
 	}
 }
 
-// apply makes the node serve s.
-func (p *proxier) apply(s service.Snapshot) {
+// apply makes the node serve s; full rewrites rules that look unchanged.
+func (p *proxier) apply(s service.Snapshot, full bool) {
 	start := time.Now()
 	// 1. Open the sockets new service ports and new addresses need, and
 	// give every listener its current endpoints. Old sockets keep serving
@@ -336,7 +336,8 @@ func (p *proxier) apply(s service.Snapshot) {
 	}
 	// 2. Point the Service addresses at the sockets: rules, or local
 	// addresses.
-	if err := p.front.point(s, bound, p.dns); err != nil {
+	wrote, err := p.front.point(s, bound, p.dns, full)
+	if err != nil {
 		// Keep every socket open: what is still in the kernel may lead
 		// to any of them. The next change or sync tries again.
 		p.log.WithError(err).Error("Could not point Service addresses at the listeners; will retry")
@@ -358,7 +359,7 @@ func (p *proxier) apply(s service.Snapshot) {
 		p.metrics.networkProgramming.Observe(time.Since(t).Seconds())
 	}
 	p.triggers = nil
-	p.log.WithFields(logrus.Fields{"servicePorts": len(s.Ports), "duration": time.Since(start).Round(time.Microsecond)}).Debug("Synced")
+	p.log.WithFields(logrus.Fields{"servicePorts": len(s.Ports), "rulesWritten": wrote, "duration": time.Since(start).Round(time.Microsecond)}).Debug("Synced")
 }
 
 // logChanges logs one line per service port added, changed or removed.

@@ -33,6 +33,8 @@ import (
 	apiwatch "k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/cache"
+
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/ratelimit"
 )
 
 // LabelServiceProxyName is the label that hands a Service to a particular
@@ -68,11 +70,17 @@ type Config struct {
 	// without a change (--config-sync-period, the informers' resync in
 	// kube-proxy). Zero means 15m, kube-proxy's default.
 	ResyncPeriod time.Duration
-	// MinSyncPeriod bounds how often changes are applied
+	// MinSyncPeriod bounds how often Service changes are applied
 	// (--iptables-min-sync-period): a sparse change is applied at once, a
 	// burst at most two at once and then one per period, later changes
-	// waiting and being applied together. Zero means 1s.
+	// waiting and being applied together. Only Services decide rules;
+	// EndpointSlice changes touch no rule (they only change where our
+	// listeners send connections), so they are bounded by the much shorter
+	// EndpointMinSyncPeriod instead. Zero means 1s.
 	MinSyncPeriod time.Duration
+	// EndpointMinSyncPeriod bounds how often EndpointSlice changes alone
+	// are applied, the same way. Zero means 100ms.
+	EndpointMinSyncPeriod time.Duration
 	// NodeName and NodeEligible: when both are set, this node's Node
 	// object is watched and NodeEligible is told whether the node can take
 	// load-balancer traffic: not when it is being deleted or carries the
@@ -125,6 +133,10 @@ func Run(ctx context.Context, cfg Config, apply func(Update)) error {
 	if minSync == 0 {
 		minSync = time.Second
 	}
+	endpointMinSync := cfg.EndpointMinSyncPeriod
+	if endpointMinSync == 0 {
+		endpointMinSync = 100 * time.Millisecond
+	}
 	selector := "!" + LabelServiceProxyName
 	if cfg.ServiceProxyName != "" {
 		selector = LabelServiceProxyName + "=" + cfg.ServiceProxyName
@@ -139,7 +151,8 @@ func Run(ctx context.Context, cfg Config, apply func(Update)) error {
 	}
 	// Services: only ours. Headless Services are watched too (kube-proxy
 	// skips them) because the DNS stub answers for them.
-	services := newStore[*v1.Service](nudge)
+	var servicesChanged atomic.Bool
+	services := newStore[*v1.Service](func() { servicesChanged.Store(true); nudge() })
 	// EndpointSlices: all of them, headless ones included, for the same
 	// reason; the snapshot ignores those of Services it does not proxy.
 	slices := newStore[*discovery.EndpointSlice](nudge)
@@ -189,10 +202,13 @@ func Run(ctx context.Context, cfg Config, apply func(Update)) error {
 		return errors.New("the Service and EndpointSlice lists did not arrive")
 	}
 
-	// Changes are applied at once while they are sparse, and at most once
-	// per MinSyncPeriod when they come in bursts: a token bucket of two, as
-	// kube-proxy's BoundedFrequencyRunner (minSyncPeriod, burst 2).
-	bucket := &tokens{burst: 2, every: minSync, have: 2, at: time.Now()}
+	// Changes are applied at once while they are sparse, and bounded when
+	// they come in bursts: token buckets of two, as kube-proxy's
+	// BoundedFrequencyRunner (minSyncPeriod, burst 2). A Service change
+	// spends a token of rules as well as one of changes. (One that lands
+	// while we wait for a token rides along and is counted next time.)
+	changes := ratelimit.New(2, endpointMinSync, time.Now())
+	rules := ratelimit.New(2, minSync, time.Now())
 	for {
 		apply(Update{Services: services.list(), EndpointSlices: slices.list(), Triggers: slices.triggers.take()})
 		select {
@@ -200,10 +216,15 @@ func Run(ctx context.Context, cfg Config, apply func(Update)) error {
 			return nil
 		case <-changed:
 		}
+		now := time.Now()
+		wait := changes.Take(now)
+		if servicesChanged.Swap(false) {
+			wait = max(wait, rules.Take(now))
+		}
 		select {
 		case <-ctx.Done():
 			return nil
-		case <-time.After(bucket.take(time.Now())):
+		case <-time.After(wait):
 		}
 	}
 }
@@ -227,24 +248,4 @@ func listWatch[L runtime.Object](tweak func(*metav1.ListOptions),
 			return watch(ctx, o)
 		},
 	}
-}
-
-// tokens is a token bucket: one token per apply, refilled at one per
-// every, holding at most burst.
-type tokens struct {
-	burst float64
-	every time.Duration
-	have  float64
-	at    time.Time
-}
-
-// take spends a token and returns how long to wait for it.
-func (b *tokens) take(now time.Time) time.Duration {
-	b.have = min(b.burst, b.have+float64(now.Sub(b.at))/float64(b.every))
-	b.at = now
-	b.have--
-	if b.have >= 0 {
-		return 0
-	}
-	return time.Duration(-b.have * float64(b.every))
 }

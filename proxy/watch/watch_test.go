@@ -9,29 +9,6 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
 
-// TestTokens: sparse changes go at once; a burst gets two at once, then
-// one per period.
-func TestTokens(t *testing.T) {
-	start := time.Unix(1000, 0)
-	b := &tokens{burst: 2, every: time.Second, have: 2, at: start}
-	steps := []struct {
-		after time.Duration // since start
-		wait  time.Duration
-	}{
-		{0, 0},
-		{10 * time.Millisecond, 0},
-		{20 * time.Millisecond, 980 * time.Millisecond}, // third in a burst: waits for a refill
-		{5 * time.Second, 0},                            // sparse again: at once
-		{5*time.Second + time.Millisecond, 0},
-	}
-	for i, s := range steps {
-		got := b.take(start.Add(s.after))
-		if d := got - s.wait; d > time.Millisecond || d < -time.Millisecond {
-			t.Errorf("step %d: wait %s, want %s", i, got, s.wait)
-		}
-	}
-}
-
 // TestStoreTriggers: a slice's trigger time is taken once per new value,
 // never for a resync or relist of the same slice, never from before the
 // proxy started; every change nudges the loop.
