@@ -228,7 +228,7 @@ func serviceStory(t *testing.T, mode string) {
 				t.Fatalf("--cleanup: %v\n%s", err, out)
 			}
 		}
-		for _, save := range []string{"iptables-legacy-save", "iptables-nft-save"} {
+		for _, save := range []string{"iptables-legacy-save", "iptables-nft-save", "ip6tables-legacy-save", "ip6tables-nft-save"} {
 			out, err := l.Node.Run(ctx, save)
 			if err != nil {
 				t.Fatal(err)

@@ -54,7 +54,11 @@ const (
 // Say which port: Port is the port clients use (the Service port, or the
 // NodePort); ToPort is our listener's port on the node.
 type Redirect struct {
-	Kind     Kind
+	Kind Kind
+	// IPv6 says which family the rule is for: a NodePort rule has no IP
+	// of its own, and the two halves of a dual-stack Service each have
+	// their NodePort rule, one in iptables and one in ip6tables.
+	IPv6     bool
 	IP       netip.Addr // unused for NodePort
 	Port     uint16
 	Protocol string // "tcp" or "udp"

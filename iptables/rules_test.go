@@ -22,17 +22,26 @@ var example = []Redirect{
 		Comment: "evil\" -j ACCEPT\n-A INPUT -j DROP #/x:y"},
 }
 
+// example6 is the IPv6 half of a dual-stack Service: /128 matches.
+var example6 = []Redirect{
+	{Kind: ClusterIP, IP: netip.MustParseAddr("fd00:96::10"), Port: 80, Protocol: "tcp", ToPort: 37010, Comment: "default/web:http"},
+	{Kind: ExternalIP, IP: netip.MustParseAddr("2001:db8::7"), Port: 80, Protocol: "tcp", ToPort: 37010, Comment: "default/web:http"},
+	{Kind: NodePort, Port: 30080, Protocol: "tcp", ToPort: 37010, Comment: "default/web:http"},
+}
+
 func TestRenderGolden(t *testing.T) {
 	tests := []struct {
-		name string
-		bind netip.Addr
+		name      string
+		redirects []Redirect
+		bind      netip.Addr
 	}{
-		{"redirect", netip.IPv4Unspecified()},
-		{"dnat", netip.MustParseAddr("10.0.0.5")},
+		{"redirect", example, netip.IPv4Unspecified()},
+		{"dnat", example, netip.MustParseAddr("10.0.0.5")},
+		{"redirect-ipv6", example6, netip.Addr{}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			got := Render(example, tt.bind)
+			got := Render(tt.redirects, tt.bind)
 			path := filepath.Join("testdata", tt.name+".golden")
 			if *update {
 				if err := os.WriteFile(path, got, 0o644); err != nil {

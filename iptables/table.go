@@ -33,9 +33,31 @@ type runner interface {
 	ClearAndDeleteChain(table, chain string) error
 }
 
-// Table keeps our chains in one backend equal to the Redirects it is given.
+// Family is the IP family a Table writes rules for: IPv4 rules live in
+// iptables, IPv6 rules in ip6tables, two separate rule sets in the kernel.
+type Family string
+
+// The families.
+const (
+	IPv4 Family = "IPv4"
+	IPv6 Family = "IPv6"
+)
+
+// tool is the name of an iptables binary of family f and backend b:
+// iptables-nft, ip6tables-legacy-restore...
+func (f Family) tool(b Backend, suffix string) string {
+	name := "iptables-"
+	if f == IPv6 {
+		name = "ip6tables-"
+	}
+	return name + string(b) + suffix
+}
+
+// Table keeps our chains in one backend and family equal to the Redirects
+// it is given.
 type Table struct {
 	backend Backend
+	family  Family
 	bind    netip.Addr
 	ipt     runner
 	restore string // the iptables-restore binary of the backend
@@ -75,36 +97,41 @@ func countRules(save string) (int, error) {
 	return n, nil
 }
 
-// Available lists the backends whose tools are installed.
-func Available() []Backend {
+// Available lists the backends whose tools for family are installed.
+func Available(family Family) []Backend {
 	var bs []Backend
 	for _, b := range []Backend{Legacy, NFT} {
-		if _, err := exec.LookPath("iptables-" + string(b) + "-restore"); err == nil {
+		if _, err := exec.LookPath(family.tool(b, "-restore")); err == nil {
 			bs = append(bs, b)
 		}
 	}
 	return bs
 }
 
-// New returns a Table that writes to backend. bind is --bind-address (see
-// Render).
-func New(backend Backend, bind netip.Addr) (*Table, error) {
+// New returns a Table that writes the rules of family to backend. bind is
+// --bind-address (see Render), for IPv4 only.
+func New(backend Backend, family Family, bind netip.Addr) (*Table, error) {
 	if backend != Legacy && backend != NFT {
 		return nil, fmt.Errorf("iptables backend %q: want %q or %q", backend, Legacy, NFT)
 	}
-	path, err := exec.LookPath("iptables-" + string(backend))
-	if err != nil {
-		return nil, fmt.Errorf("iptables backend %s: %w", backend, err)
+	proto := goipt.ProtocolIPv4
+	if family == IPv6 {
+		proto = goipt.ProtocolIPv6
+		bind = netip.Addr{}
 	}
-	ipt, err := goipt.New(goipt.Path(path), goipt.Timeout(5))
+	path, err := exec.LookPath(family.tool(backend, ""))
 	if err != nil {
-		return nil, fmt.Errorf("iptables backend %s: %w", backend, err)
+		return nil, fmt.Errorf("iptables backend %s, %s: %w", backend, family, err)
 	}
-	restore, err := exec.LookPath("iptables-" + string(backend) + "-restore")
+	ipt, err := goipt.New(goipt.Path(path), goipt.IPFamily(proto), goipt.Timeout(5))
 	if err != nil {
-		return nil, fmt.Errorf("iptables backend %s: %w", backend, err)
+		return nil, fmt.Errorf("iptables backend %s, %s: %w", backend, family, err)
 	}
-	return &Table{backend: backend, bind: bind, ipt: ipt, restore: restore}, nil
+	restore, err := exec.LookPath(family.tool(backend, "-restore"))
+	if err != nil {
+		return nil, fmt.Errorf("iptables backend %s, %s: %w", backend, family, err)
+	}
+	return &Table{backend: backend, family: family, bind: bind, ipt: ipt, restore: restore}, nil
 }
 
 // Backend is the backend t writes to.

@@ -51,10 +51,10 @@ func inNetns(t *testing.T, f func()) {
 	<-done
 }
 
-func save(t *testing.T, backend Backend) string {
-	out, err := exec.Command("iptables-" + string(backend) + "-save").CombinedOutput()
+func save(t *testing.T, backend Backend, family Family) string {
+	out, err := exec.Command(family.tool(backend, "-save")).CombinedOutput()
 	if err != nil {
-		t.Errorf("iptables-%s-save: %v: %s", backend, err, out)
+		t.Errorf("%s: %v: %s", family.tool(backend, "-save"), err, out)
 	}
 	return string(out)
 }
@@ -68,16 +68,27 @@ func run(t *testing.T, args ...string) {
 // TestTableInNetns writes, repairs and removes our chains with the real
 // iptables of each backend, in a namespace of its own.
 func TestTableInNetns(t *testing.T) {
-	for _, backend := range []Backend{NFT, Legacy} {
-		t.Run(string(backend), func(t *testing.T) {
+	for _, tt := range []struct {
+		backend  Backend
+		family   Family
+		rules    []Redirect
+		wantRule string
+	}{
+		{NFT, IPv4, example, "-A KUP-PORTALS-CONTAINER -d 10.96.0.10/32 -p tcp -m comment --comment \"default/web:http\" -m tcp --dport 80 -j REDIRECT --to-ports 37000"},
+		{Legacy, IPv4, example, "-A KUP-PORTALS-CONTAINER -d 10.96.0.10/32 -p tcp -m comment --comment \"default/web:http\" -m tcp --dport 80 -j REDIRECT --to-ports 37000"},
+		{NFT, IPv6, example6, "-A KUP-PORTALS-CONTAINER -d fd00:96::10/128 -p tcp -m comment --comment \"default/web:http\" -m tcp --dport 80 -j REDIRECT --to-ports 37010"},
+		{Legacy, IPv6, example6, "-A KUP-PORTALS-CONTAINER -d fd00:96::10/128 -p tcp -m comment --comment \"default/web:http\" -m tcp --dport 80 -j REDIRECT --to-ports 37010"},
+	} {
+		backend, family, example := tt.backend, tt.family, tt.rules
+		t.Run(string(backend)+"-"+string(family), func(t *testing.T) {
 			inNetns(t, func() {
-				ipt := "iptables-" + string(backend)
+				ipt := family.tool(backend, "")
 				// Somebody else's rules, which we must never touch.
 				run(t, ipt, "-t", "nat", "-A", "PREROUTING", "-p", "tcp", "--dport", "8443", "-j", "REDIRECT", "--to-ports", "443")
 				run(t, ipt, "-t", "nat", "-N", "OTHER-CHAIN")
 				run(t, ipt, "-t", "nat", "-A", "OTHER-CHAIN", "-j", "RETURN")
 
-				tab, err := New(backend, netip.IPv4Unspecified())
+				tab, err := New(backend, family, netip.IPv4Unspecified())
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -87,10 +98,10 @@ func TestTableInNetns(t *testing.T) {
 				if err := tab.Sync(example[:1]); err != nil {
 					t.Fatalf("second Sync: %v", err)
 				}
-				got := save(t, backend)
+				got := save(t, backend, family)
 				for _, want := range []string{
 					"-A PREROUTING -m comment --comment \"kube-userspace-proxy service portals\" -j KUP-PORTALS-CONTAINER",
-					"-A KUP-PORTALS-CONTAINER -d 10.96.0.10/32 -p tcp -m comment --comment \"default/web:http\" -m tcp --dport 80 -j REDIRECT --to-ports 37000",
+					tt.wantRule,
 					"-A PREROUTING -p tcp -m tcp --dport 8443 -j REDIRECT --to-ports 443",
 					"-A OTHER-CHAIN -j RETURN",
 				} {
@@ -116,7 +127,7 @@ func TestTableInNetns(t *testing.T) {
 				if err := tab.Sync(example[:1]); err != nil {
 					t.Fatalf("repairing Sync: %v", err)
 				}
-				got = save(t, backend)
+				got = save(t, backend, family)
 				if !strings.Contains(got, "-A OUTPUT -m comment --comment \"kube-userspace-proxy service portals\" -j KUP-PORTALS-HOST") {
 					t.Errorf("the deleted jump was not put back:\n%s", got)
 				}
@@ -129,7 +140,7 @@ func TestTableInNetns(t *testing.T) {
 						t.Fatalf("Cleanup: %v", err)
 					}
 				}
-				got = save(t, backend)
+				got = save(t, backend, family)
 				if strings.Contains(got, "KUP-") {
 					t.Errorf("Cleanup left our chains behind:\n%s", got)
 				}

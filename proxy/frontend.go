@@ -33,6 +33,9 @@ const (
 type frontend interface {
 	// mode is the mode's name, for logs and /proxyMode.
 	mode() string
+	// ipv6 reports whether the IPv6 halves of service ports can be
+	// served.
+	ipv6() bool
 	// binds says where each service port's listener sockets go.
 	binds(p *service.Port) []netip.AddrPort
 	// dnsListen is where the DNS stub's sockets go for cluster DNS IP ip
@@ -47,16 +50,22 @@ type frontend interface {
 	point(s service.Snapshot, bound map[service.Key][]netip.AddrPort, dns *dnsTarget, full bool) (bool, error)
 }
 
-// redirectFrontend points Service addresses at listeners with iptables.
+// redirectFrontend points Service addresses at listeners with iptables:
+// IPv4 addresses with iptables, IPv6 ones with ip6tables.
 type redirectFrontend struct {
 	log       logrus.FieldLogger
-	table     *iptables.Table
 	listeners *userspace.Listeners
-	// written is what the last successful point wrote.
-	written []iptables.Redirect
+	v4, v6    family // v6.table is nil when the node cannot NAT IPv6
+}
+
+// family is one IP family's rule table, and what we last wrote to it.
+type family struct {
+	table   *iptables.Table
+	written []iptables.Redirect // nil until a write succeeds
 }
 
 func (f *redirectFrontend) mode() string { return ModeRedirect }
+func (f *redirectFrontend) ipv6() bool   { return f.v6.table != nil }
 
 func (f *redirectFrontend) binds(p *service.Port) []netip.AddrPort {
 	return f.listeners.RedirectBinds(p)
@@ -75,16 +84,34 @@ func (f *redirectFrontend) point(s service.Snapshot, bound map[service.Key][]net
 	for _, c := range conflicts {
 		f.log.WithError(c).Error("Service address not served")
 	}
-	// Most changes are endpoint changes, which leave every rule as it was:
-	// the listeners alone follow them, and iptables is not run.
-	if !full && f.written != nil && slices.Equal(rs, f.written) {
+	var v4, v6 []iptables.Redirect
+	for _, r := range rs {
+		if r.IPv6 {
+			v6 = append(v6, r)
+		} else {
+			v4 = append(v4, r)
+		}
+	}
+	wrote4, err4 := f.v4.write(v4, full)
+	wrote6, err6 := f.v6.write(v6, full)
+	return wrote4 || wrote6, errors.Join(err4, err6)
+}
+
+// write makes the table hold rs. Most changes are endpoint changes, which
+// leave every rule as it was: the listeners alone follow them, and iptables
+// is not run. full writes all the same.
+func (t *family) write(rs []iptables.Redirect, full bool) (bool, error) {
+	if t.table == nil {
 		return false, nil
 	}
-	f.written = nil
-	if err := f.table.Sync(rs); err != nil {
+	if !full && t.written != nil && slices.Equal(rs, t.written) {
+		return false, nil
+	}
+	t.written = nil
+	if err := t.table.Sync(rs); err != nil {
 		return true, err
 	}
-	f.written = rs
+	t.written = append([]iptables.Redirect{}, rs...) // non-nil even when empty
 	return true, nil
 }
 
@@ -106,16 +133,21 @@ func redirects(s service.Snapshot, ports map[service.Key]int, dns *dnsTarget) ([
 			return // answered by the DNS stub
 		}
 		proto := strings.ToLower(string(p.Protocol))
-		claim := fmt.Sprintf("%s:%d/%s", ip, port, proto)
+		claim := fmt.Sprintf("%s/%s", netip.AddrPortFrom(ip, port), proto)
 		if kind == iptables.NodePort {
+			// Each half of a dual-stack Service has the NodePort on
+			// node addresses of its family.
 			claim = fmt.Sprintf("nodePort %d/%s", port, proto)
+			if p.ClusterIP.Is6() {
+				claim += " on IPv6"
+			}
 		}
 		if other, ok := owner[claim]; ok && other != p.Key() {
 			errs = append(errs, fmt.Errorf("%s of %s is already served for %s", claim, p.Name, other.Name))
 			return
 		}
 		owner[claim] = p.Key()
-		rs = append(rs, iptables.Redirect{Kind: kind, IP: ip, Port: port, Protocol: proto, ToPort: uint16(listener), Comment: p.Name.String()})
+		rs = append(rs, iptables.Redirect{Kind: kind, IPv6: p.ClusterIP.Is6(), IP: ip, Port: port, Protocol: proto, ToPort: uint16(listener), Comment: p.Name.String()})
 	}
 	for i := range s.Ports {
 		p := &s.Ports[i]
@@ -147,6 +179,11 @@ type bindFrontend struct {
 }
 
 func (f *bindFrontend) mode() string { return ModeBind }
+
+// ipv6 is false: IPv6 addresses carry no label, so bind mode could not
+// tell its addresses from the node's own (see localaddr); the IPv6 halves
+// of Services need redirect mode.
+func (f *bindFrontend) ipv6() bool { return false }
 
 // binds is every address the Service port is reached at: its ClusterIP,
 // external and load-balancer IPs on the Service port, and the node's
@@ -226,7 +263,7 @@ func newFrontend(cfg *Config, log logrus.FieldLogger, listeners *userspace.Liste
 		if err != nil {
 			return nil, err
 		}
-		log.WithField("iptablesBackend", f.table.Backend()).Info("Mode redirect: iptables sends Service traffic to our listeners")
+		log.WithFields(logrus.Fields{"iptablesBackend": f.v4.table.Backend(), "ipv6": f.ipv6()}).Info("Mode redirect: iptables sends Service traffic to our listeners")
 		return f, nil
 	case ModeBind:
 		f, err := newBind(cfg, log)
@@ -238,10 +275,10 @@ func newFrontend(cfg *Config, log logrus.FieldLogger, listeners *userspace.Liste
 	case ModeAuto:
 		f, err := newRedirect(cfg, log, listeners)
 		if err == nil {
-			err = f.table.Sync(nil) // the probe: our nat chains and jumps
+			err = f.v4.table.Sync(nil) // the probe: our nat chains and jumps
 		}
 		if err == nil {
-			log.WithField("iptablesBackend", f.table.Backend()).Info("Mode auto chose redirect: the kernel can NAT")
+			log.WithField("iptablesBackend", f.v4.table.Backend()).Info("Mode auto chose redirect: the kernel can NAT")
 			return f, nil
 		}
 		b, berr := newBind(cfg, log)
@@ -263,11 +300,23 @@ func newRedirect(cfg *Config, log logrus.FieldLogger, listeners *userspace.Liste
 			return nil, err
 		}
 	}
-	table, err := iptables.New(backend, cfg.Listeners.BindAddress)
+	table, err := iptables.New(backend, iptables.IPv4, cfg.Listeners.BindAddress)
 	if err != nil {
 		return nil, err
 	}
-	return &redirectFrontend{log: log, table: table, listeners: listeners}, nil
+	f := &redirectFrontend{log: log, listeners: listeners, v4: family{table: table}}
+	// IPv6: only where ip6tables can NAT. Creating our chains is the
+	// probe; without it, IPv4 is served all the same.
+	table6, err := iptables.New(backend, iptables.IPv6, netip.Addr{})
+	if err == nil {
+		err = table6.Sync(nil)
+	}
+	if err != nil {
+		log.WithError(err).Warn("ip6tables cannot NAT here: the IPv6 halves of Services are not served")
+		return f, nil
+	}
+	f.v6.table = table6
+	return f, nil
 }
 
 func newBind(cfg *Config, log logrus.FieldLogger) (*bindFrontend, error) {

@@ -258,16 +258,22 @@ func Cleanup(log logrus.FieldLogger) error {
 	} else {
 		log.Info("Removed our Service addresses")
 	}
-	for _, b := range iptables.Available() {
-		t, err := iptables.New(b, netip.Addr{})
-		if err == nil {
-			err = t.Cleanup()
+	for _, family := range []iptables.Family{iptables.IPv4, iptables.IPv6} {
+		for _, b := range iptables.Available(family) {
+			t, err := iptables.New(b, family, netip.Addr{})
+			if err == nil {
+				err = t.Cleanup()
+			}
+			switch {
+			case err != nil && family == iptables.IPv6:
+				// A node without IPv6 NAT never had IPv6 rules of ours.
+				log.WithError(err).WithField("iptablesBackend", b).Warn("Could not clean ip6tables")
+			case err != nil:
+				errs = append(errs, fmt.Errorf("iptables %s: %w", b, err))
+			default:
+				log.WithFields(logrus.Fields{"iptablesBackend": b, "family": family}).Info("Removed our iptables chains and jumps")
+			}
 		}
-		if err != nil {
-			errs = append(errs, fmt.Errorf("iptables %s: %w", b, err))
-			continue
-		}
-		log.WithField("iptablesBackend", b).Info("Removed our iptables chains and jumps")
 	}
 	return errors.Join(errs...)
 }
@@ -295,11 +301,15 @@ type proxier struct {
 }
 
 // build makes the Snapshot for Services and EndpointSlices, from either
-// source.
+// source. IPv6 halves of service ports are left out when the frontend
+// cannot serve them (it said so once, at start).
 func (p *proxier) build(services []*v1.Service, endpointSlices []*discovery.EndpointSlice, nodeName string) service.Snapshot {
 	s, warnings := snapshot.Build(services, endpointSlices, nodeName)
 	for _, w := range warnings {
 		p.log.WithError(w).Warn("Service port not proxied")
+	}
+	if !p.front.ipv6() {
+		s.Ports = slices.DeleteFunc(s.Ports, func(sp service.Port) bool { return sp.ClusterIP.Is6() })
 	}
 	return s
 }

@@ -42,3 +42,32 @@ func TestRedirectsAndConflicts(t *testing.T) {
 		t.Errorf("conflicts = %v, want b's ClusterIP and NodePort refused", errs)
 	}
 }
+
+// TestRedirectsDualStack: both halves of a dual-stack service port get
+// their rules, each marked with its family, and share the NodePort number
+// without a conflict (one rule in iptables, one in ip6tables).
+func TestRedirectsDualStack(t *testing.T) {
+	name := service.PortName{Namespace: "default", Name: "ds"}
+	v4 := service.Port{Name: name, Protocol: service.TCP, ClusterIP: netip.MustParseAddr("10.96.0.10"), Port: 80, NodePort: 30080}
+	v6 := v4
+	v6.ClusterIP = netip.MustParseAddr("fd00:96::10")
+	s, err := service.NewSnapshot([]service.Port{v6, v4})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rs, errs := redirects(s, map[service.Key]int{v4.Key(): 1000, v6.Key(): 1001}, nil)
+	want := []iptables.Redirect{
+		{Kind: iptables.ClusterIP, IP: v4.ClusterIP, Port: 80, Protocol: "tcp", ToPort: 1000, Comment: "default/ds"},
+		{Kind: iptables.NodePort, Port: 30080, Protocol: "tcp", ToPort: 1000, Comment: "default/ds"},
+		{Kind: iptables.ClusterIP, IPv6: true, IP: v6.ClusterIP, Port: 80, Protocol: "tcp", ToPort: 1001, Comment: "default/ds"},
+		{Kind: iptables.NodePort, IPv6: true, Port: 30080, Protocol: "tcp", ToPort: 1001, Comment: "default/ds"},
+	}
+	if len(errs) != 0 || len(rs) != len(want) {
+		t.Fatalf("redirects = %+v, conflicts %v; want %+v", rs, errs, want)
+	}
+	for i := range want {
+		if rs[i] != want[i] {
+			t.Errorf("redirect %d = %+v, want %+v", i, rs[i], want[i])
+		}
+	}
+}

@@ -27,7 +27,7 @@ func (l *Lab) AddWebOn(node *NS, t Tools, w WebPod) (*Proc, error) {
 	if err != nil {
 		return nil, err
 	}
-	proc, err := l.Start(&p.NS, t.Helper, "web", "--listen", p.IP.String(),
+	proc, err := l.Start(&p.NS, t.Helper, "web", "--listen", "::", // both families
 		"--port", strconv.Itoa(w.WebPort), "--udp-port", strconv.Itoa(UDPTargetPort), "--text", w.Greeting())
 	if err != nil {
 		return nil, err

@@ -9,6 +9,9 @@
 //
 // Every pod is a namespace of its own joined to the node by a veth pair, with
 // the node as its default gateway, as a simple CNI plugin would set it up.
+// The lab is dual-stack: every link also has an IPv6 address, the IPv4
+// one's twin (fd00:200::1 for the node, fd00:244:N::2 for pod N), so that
+// the IPv6 half of a Service can be tested on the same pods.
 // The node's default route points at ext, so ClusterIPs (which no interface
 // owns) are routable from the node, as on a real node. Nothing is created
 // outside the lab's namespaces, and all of them carry the lab's unique ID in
@@ -37,9 +40,23 @@ import (
 
 // Addresses of the lab.
 var (
-	NodeIP = netip.MustParseAddr("10.200.0.1") // the node, as other hosts see it
-	ExtIP  = netip.MustParseAddr("10.200.0.2") // the other host
+	NodeIP  = netip.MustParseAddr("10.200.0.1") // the node, as other hosts see it
+	ExtIP   = netip.MustParseAddr("10.200.0.2") // the other host
+	NodeIP6 = netip.MustParseAddr("fd00:200::1")
+	ExtIP6  = netip.MustParseAddr("fd00:200::2")
 )
+
+// PodIP6 is pod n's IPv6 address, fd00:244:n::2.
+func PodIP6(n int) netip.Addr {
+	return netip.MustParseAddr(fmt.Sprintf("fd00:244:%x::2", n))
+}
+
+// ip6 adds IPv6 address a/64 to dev in namespace ns, usable at once: no
+// duplicate address detection (nodad), which would hold it "tentative"
+// for a second or two, and iptables' REDIRECT skips tentative addresses.
+func ip6(ns, a, dev string) []string {
+	return []string{"-n", ns, "addr", "add", a + "/64", "dev", dev, "nodad"}
+}
 
 // NS is one network namespace of the lab.
 type NS struct {
@@ -65,11 +82,12 @@ type Lab struct {
 	forwarders []*forwarder
 }
 
-// Pod is a pod namespace with its address.
+// Pod is a pod namespace with its addresses.
 type Pod struct {
 	NS
 	Index int
 	IP    netip.Addr
+	IP6   netip.Addr
 }
 
 // New builds the node and ext namespaces. On error, whatever was built is
@@ -106,6 +124,10 @@ func New() (l *Lab, err error) {
 		{"-n", l.Ext.Name, "link", "set", "eth0", "up"},
 		{"-n", l.Node.Name, "route", "add", "default", "via", ExtIP.String()},
 		{"-n", l.Ext.Name, "route", "add", "10.244.0.0/16", "via", NodeIP.String()},
+		ip6(l.Node.Name, NodeIP6.String(), "ext0"),
+		ip6(l.Ext.Name, ExtIP6.String(), "eth0"),
+		{"-n", l.Node.Name, "-6", "route", "add", "default", "via", ExtIP6.String()},
+		{"-n", l.Ext.Name, "-6", "route", "add", "fd00:244::/32", "via", NodeIP6.String()},
 	}
 	for _, s := range steps {
 		if err := ip(s...); err != nil {
@@ -115,7 +137,7 @@ func New() (l *Lab, err error) {
 	// Forwarding on, as on every node: pods talk to pods through it; and on
 	// ext, which routes between nodes.
 	for _, ns := range []*NS{l.Node, l.Ext} {
-		if _, err := ns.Run(context.Background(), "sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"); err != nil {
+		if err := ns.forward(); err != nil {
 			return nil, err
 		}
 	}
@@ -132,6 +154,7 @@ func (l *Lab) AddNode(name string) (*NS, error) {
 		return nil, err
 	}
 	nodeIP, gw := fmt.Sprintf("10.200.%d.1", i), fmt.Sprintf("10.200.%d.2", i)
+	nodeIP6, gw6 := fmt.Sprintf("fd00:200:%x::1", i), fmt.Sprintf("fd00:200:%x::2", i)
 	link := fmt.Sprintf("node%d", i)
 	steps := [][]string{
 		{"link", "add", "ext0", "netns", n.Name, "type", "veth", "peer", "name", link, "netns", l.Ext.Name},
@@ -140,17 +163,27 @@ func (l *Lab) AddNode(name string) (*NS, error) {
 		{"-n", l.Ext.Name, "addr", "add", gw + "/24", "dev", link},
 		{"-n", l.Ext.Name, "link", "set", link, "up"},
 		{"-n", n.Name, "route", "add", "default", "via", gw},
+		ip6(n.Name, nodeIP6, "ext0"),
+		ip6(l.Ext.Name, gw6, link),
+		{"-n", n.Name, "-6", "route", "add", "default", "via", gw6},
 	}
 	for _, s := range steps {
 		if err := ip(s...); err != nil {
 			return nil, err
 		}
 	}
-	if _, err := n.Run(context.Background(), "sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"); err != nil {
+	if err := n.forward(); err != nil {
 		return nil, err
 	}
 	l.Nodes = append(l.Nodes, n)
 	return n, nil
+}
+
+// forward turns IPv4 and IPv6 forwarding on in n, as on every node and
+// router.
+func (n *NS) forward() error {
+	_, err := n.Run(context.Background(), "sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward && echo 1 > /proc/sys/net/ipv6/conf/all/forwarding")
+	return err
 }
 
 func (l *Lab) newNS(role string) (*NS, error) {
@@ -185,22 +218,27 @@ func (l *Lab) AddPodOn(node *NS, name string, n int) (*Pod, error) {
 	if err != nil {
 		return nil, err
 	}
-	p := &Pod{NS: *ns, Index: n, IP: netip.AddrFrom4([4]byte{10, 244, byte(n), 2})}
-	gw := fmt.Sprintf("10.244.%d.1", n)
+	p := &Pod{NS: *ns, Index: n, IP: netip.AddrFrom4([4]byte{10, 244, byte(n), 2}), IP6: PodIP6(n)}
+	gw, gw6 := fmt.Sprintf("10.244.%d.1", n), fmt.Sprintf("fd00:244:%x::1", n)
 	veth := fmt.Sprintf("pod%d", n)
 	steps := [][]string{
 		{"link", "add", veth, "netns", node.Name, "type", "veth", "peer", "name", "eth0", "netns", p.Name},
 		{"-n", node.Name, "addr", "add", gw + "/24", "dev", veth},
+		ip6(node.Name, gw6, veth),
 		{"-n", node.Name, "link", "set", veth, "up"},
 		{"-n", p.Name, "addr", "add", p.IP.String() + "/24", "dev", "eth0"},
+		ip6(p.Name, p.IP6.String(), "eth0"),
 		{"-n", p.Name, "link", "set", "eth0", "up"},
 		{"-n", p.Name, "route", "add", "default", "via", gw},
+		{"-n", p.Name, "-6", "route", "add", "default", "via", gw6},
 	}
 	for i, nd := range l.Nodes {
 		if nd == node && i > 0 {
 			// ext sends this pod's subnet to its node (the first node's
 			// pods are reached through ext's route for all of 10.244/16).
-			steps = append(steps, []string{"-n", l.Ext.Name, "route", "add", fmt.Sprintf("10.244.%d.0/24", n), "via", fmt.Sprintf("10.200.%d.1", i)})
+			steps = append(steps,
+				[]string{"-n", l.Ext.Name, "route", "add", fmt.Sprintf("10.244.%d.0/24", n), "via", fmt.Sprintf("10.200.%d.1", i)},
+				[]string{"-n", l.Ext.Name, "-6", "route", "add", fmt.Sprintf("fd00:244:%x::/64", n), "via", fmt.Sprintf("fd00:200:%x::1", i)})
 		}
 	}
 	for _, s := range steps {

@@ -99,6 +99,12 @@ func TestLoadBad(t *testing.T) {
 			[]string{"spec.clusterIP: Required value"}},
 		{"bad cluster IP", strings.Replace(goodService, "10.96.0.11", "10.96.0.300", 1),
 			[]string{`spec.clusterIP: Invalid value: "10.96.0.300"`}},
+		{"clusterIPs not starting with clusterIP", strings.Replace(goodService, "  clusterIP: 10.96.0.11\n", "  clusterIP: 10.96.0.11\n  clusterIPs: [\"fd00::11\", 10.96.0.11]\n", 1),
+			[]string{`spec.clusterIPs[0]: Invalid value: "fd00::11": must be equal to spec.clusterIP (10.96.0.11)`}},
+		{"two IPv4 clusterIPs", strings.Replace(goodService, "  clusterIP: 10.96.0.11\n", "  clusterIP: 10.96.0.11\n  clusterIPs: [10.96.0.11, 10.96.0.12]\n", 1),
+			[]string{`spec.clusterIPs[1]: Invalid value: "10.96.0.12": must be of the other IP family`}},
+		{"pod with a bad second IP", strings.Replace(pod("web-1", "10.244.1.2", "8080", "True", "app: x"), "  podIP: 10.244.1.2\n", "  podIP: 10.244.1.2\n  podIPs: [{ip: 10.244.1.2}, {ip: \"fd00::x\"}]\n", 1),
+			[]string{`status.podIPs[1].ip: Invalid value: "fd00::x"`}},
 		{"unnamed ports", strings.Replace(goodService, "name: http, ", "", 1),
 			[]string{"spec.ports[0].name: Required value"}},
 		{"bad protocol", strings.Replace(goodService, "protocol: UDP", "protocol: ICMP", 1),
@@ -202,5 +208,28 @@ spec: {containers: [{name: c}]}
 	}
 	if len(slices) != 2 {
 		t.Errorf("%d slices, want 2 (one per resolved port set)", len(slices))
+	}
+}
+
+// TestPodSlicesDualStack: a dual-stack Service gets a slice per family with
+// each pod's address of that family; an IPv4-only Service only IPv4 ones.
+func TestPodSlicesDualStack(t *testing.T) {
+	dual := strings.Replace(goodService, "  clusterIP: 10.96.0.11\n", "  clusterIP: 10.96.0.11\n  clusterIPs: [10.96.0.11, \"fd00:96::11\"]\n", 1)
+	v4only := strings.NewReplacer("svc-test-1", "v4-only", "10.96.0.11", "10.96.0.12").Replace(goodService)
+	dualPod := strings.Replace(pod("web-1", "10.244.1.2", "8080", "True", "app: web-front-end"),
+		"  podIP: 10.244.1.2\n", "  podIP: 10.244.1.2\n  podIPs: [{ip: 10.244.1.2}, {ip: \"fd00:244:1::2\"}]\n", 1)
+	objs, err := Load(write(t, "lab.yaml", strings.Join([]string{dual, v4only, dualPod}, "---\n")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string][]string{} // service -> "addressType address"
+	for _, s := range PodSlices(objs.Services, objs.Pods) {
+		for _, ep := range s.Endpoints {
+			svc := s.Labels[discovery.LabelServiceName]
+			got[svc] = append(got[svc], string(s.AddressType)+" "+ep.Addresses[0])
+		}
+	}
+	if fmt.Sprint(got["svc-test-1"]) != "[IPv4 10.244.1.2 IPv6 fd00:244:1::2]" || fmt.Sprint(got["v4-only"]) != "[IPv4 10.244.1.2]" {
+		t.Errorf("slices: %v", got)
 	}
 }

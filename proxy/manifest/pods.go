@@ -27,7 +27,9 @@ import (
 //     another without downtime. A Pod without a port of that name is left
 //     out of that Service port.
 //   - Pods resolving to the same port numbers share a slice, as the
-//     controller groups them.
+//     controller groups them. A slice holds one address family: a Service
+//     of both families gets IPv4 slices and IPv6 slices, with the pods'
+//     addresses of each (status.podIPs).
 //
 // Services without a selector get no slices from here: their EndpointSlices
 // are written by hand, as in a cluster.
@@ -38,6 +40,7 @@ func PodSlices(services []*v1.Service, pods []*v1.Pod) []*discovery.EndpointSlic
 			continue
 		}
 		sel := labels.SelectorFromSet(svc.Spec.Selector)
+		families := serviceFamilies(svc)
 		groups := map[string]*discovery.EndpointSlice{}
 		var order []string
 		for _, pod := range pods {
@@ -48,34 +51,75 @@ func PodSlices(services []*v1.Service, pods []*v1.Pod) []*discovery.EndpointSlic
 			if len(ports) == 0 {
 				continue
 			}
-			key := portsKey(ports)
-			s, ok := groups[key]
-			if !ok {
-				s = &discovery.EndpointSlice{
-					ObjectMeta: metav1.ObjectMeta{
-						Name:      fmt.Sprintf("%s-pods-%d", svc.Name, len(order)+1),
-						Namespace: svc.Namespace,
-						Labels: map[string]string{
-							discovery.LabelServiceName: svc.Name,
-							discovery.LabelManagedBy:   "kube-userspace-proxy-manifest",
+			// A slice holds addresses of one family: a dual-stack pod
+			// is listed in an IPv4 slice and an IPv6 one.
+			for _, ip := range podIPs(pod) {
+				family := discovery.AddressTypeIPv4
+				if strings.Contains(ip, ":") {
+					family = discovery.AddressTypeIPv6
+				}
+				if families != nil && !families[family] {
+					continue
+				}
+				key := string(family) + " " + portsKey(ports)
+				s, ok := groups[key]
+				if !ok {
+					s = &discovery.EndpointSlice{
+						ObjectMeta: metav1.ObjectMeta{
+							Name:      fmt.Sprintf("%s-pods-%d", svc.Name, len(order)+1),
+							Namespace: svc.Namespace,
+							Labels: map[string]string{
+								discovery.LabelServiceName: svc.Name,
+								discovery.LabelManagedBy:   "kube-userspace-proxy-manifest",
+							},
 						},
-					},
-					AddressType: discovery.AddressTypeIPv4,
-					Ports:       ports,
+						AddressType: family,
+						Ports:       ports,
+					}
+					groups[key] = s
+					order = append(order, key)
 				}
-				if strings.Contains(pod.Status.PodIP, ":") {
-					s.AddressType = discovery.AddressTypeIPv6
-				}
-				groups[key] = s
-				order = append(order, key)
+				s.Endpoints = append(s.Endpoints, podEndpoint(svc, pod, ip))
 			}
-			s.Endpoints = append(s.Endpoints, podEndpoint(svc, pod))
 		}
 		for _, k := range order {
 			out = append(out, groups[k])
 		}
 	}
 	return out
+}
+
+// serviceFamilies are the address types of svc's ClusterIPs; nil for a
+// headless Service, which lists pods of every family.
+func serviceFamilies(svc *v1.Service) map[discovery.AddressType]bool {
+	if svc.Spec.ClusterIP == "" || svc.Spec.ClusterIP == v1.ClusterIPNone {
+		return nil
+	}
+	ips := svc.Spec.ClusterIPs
+	if len(ips) == 0 {
+		ips = []string{svc.Spec.ClusterIP}
+	}
+	families := map[discovery.AddressType]bool{}
+	for _, ip := range ips {
+		if strings.Contains(ip, ":") {
+			families[discovery.AddressTypeIPv6] = true
+		} else {
+			families[discovery.AddressTypeIPv4] = true
+		}
+	}
+	return families
+}
+
+// podIPs are the pod's addresses: status.podIPs, or status.podIP alone.
+func podIPs(pod *v1.Pod) []string {
+	if len(pod.Status.PodIPs) == 0 {
+		return []string{pod.Status.PodIP}
+	}
+	ips := make([]string, len(pod.Status.PodIPs))
+	for i, a := range pod.Status.PodIPs {
+		ips[i] = a.IP
+	}
+	return ips
 }
 
 // listed reports whether the controller would list pod at all.
@@ -92,11 +136,11 @@ func podReady(pod *v1.Pod) bool {
 	return false
 }
 
-func podEndpoint(svc *v1.Service, pod *v1.Pod) discovery.Endpoint {
+func podEndpoint(svc *v1.Service, pod *v1.Pod, ip string) discovery.Endpoint {
 	ready := podReady(pod)
 	terminating := pod.DeletionTimestamp != nil
 	ep := discovery.Endpoint{
-		Addresses: []string{pod.Status.PodIP},
+		Addresses: []string{ip},
 		Conditions: discovery.EndpointConditions{
 			Ready:       ptr(svc.Spec.PublishNotReadyAddresses || (ready && !terminating)),
 			Serving:     ptr(ready),

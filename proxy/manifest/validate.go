@@ -38,11 +38,17 @@ func validateAll(objs *Objects) []error {
 		unique(s, "Service", s.Namespace, s.Name)
 		report(s, "Service", s.Namespace, s.Name, validateService(s))
 		// Addresses a cluster's allocators would never hand out twice.
-		if ip, err := netip.ParseAddr(s.Spec.ClusterIP); err == nil {
-			if other, ok := clusterIPs[ip]; ok {
-				report(s, "Service", s.Namespace, s.Name, field.ErrorList{field.Duplicate(field.NewPath("spec", "clusterIP"), s.Spec.ClusterIP+" (also the address of Service "+other+")")})
+		for i, a := range s.Spec.ClusterIPs {
+			if ip, err := netip.ParseAddr(a); err == nil {
+				if other, ok := clusterIPs[ip]; ok {
+					path := field.NewPath("spec", "clusterIP") // the first is the clusterIP
+					if i > 0 {
+						path = field.NewPath("spec", "clusterIPs").Index(i)
+					}
+					report(s, "Service", s.Namespace, s.Name, field.ErrorList{field.Duplicate(path, a+" (also an address of Service "+other+")")})
+				}
+				clusterIPs[ip] = s.Namespace + "/" + s.Name
 			}
-			clusterIPs[ip] = s.Namespace + "/" + s.Name
 		}
 		for i, p := range s.Spec.Ports {
 			if p.NodePort == 0 {
@@ -110,6 +116,7 @@ func validateService(s *v1.Service) field.ErrorList {
 			errs = append(errs, field.Invalid(spec.Child("clusterIP"), s.Spec.ClusterIP, "must be an IP address or None"))
 		}
 	}
+	errs = append(errs, validateClusterIPs(s, spec)...)
 	if len(s.Spec.Ports) == 0 && !headless {
 		errs = append(errs, field.Required(spec.Child("ports"), "a Service with a cluster IP needs at least one port"))
 	}
@@ -186,6 +193,38 @@ func validateService(s *v1.Service) field.ErrorList {
 	return errs
 }
 
+// validateClusterIPs checks spec.clusterIPs, the addresses of a dual-stack
+// Service, and defaults it from spec.clusterIP as the API server does: the
+// first is clusterIP, a second one is of the other family.
+func validateClusterIPs(s *v1.Service, spec *field.Path) field.ErrorList {
+	if s.Spec.ClusterIP == "" {
+		return nil
+	}
+	if len(s.Spec.ClusterIPs) == 0 {
+		s.Spec.ClusterIPs = []string{s.Spec.ClusterIP}
+		return nil
+	}
+	path := spec.Child("clusterIPs")
+	var errs field.ErrorList
+	if s.Spec.ClusterIPs[0] != s.Spec.ClusterIP {
+		errs = append(errs, field.Invalid(path.Index(0), s.Spec.ClusterIPs[0], "must be equal to spec.clusterIP ("+s.Spec.ClusterIP+")"))
+	}
+	if len(s.Spec.ClusterIPs) > 2 {
+		errs = append(errs, field.TooMany(path, len(s.Spec.ClusterIPs), 2))
+	}
+	if len(s.Spec.ClusterIPs) == 2 {
+		a, errA := netip.ParseAddr(s.Spec.ClusterIPs[0])
+		b, errB := netip.ParseAddr(s.Spec.ClusterIPs[1])
+		switch {
+		case errB != nil:
+			errs = append(errs, field.Invalid(path.Index(1), s.Spec.ClusterIPs[1], "must be an IP address"))
+		case errA == nil && a.Is4() == b.Is4():
+			errs = append(errs, field.Invalid(path.Index(1), s.Spec.ClusterIPs[1], "must be of the other IP family than clusterIPs[0]: one IPv4 and one IPv6"))
+		}
+	}
+	return errs
+}
+
 // validateTargetPort checks a targetPort and defaults an absent one to the
 // Service port, as the API server does.
 func validateTargetPort(p *v1.ServicePort, path *field.Path) field.ErrorList {
@@ -254,6 +293,14 @@ func validatePod(p *v1.Pod) field.ErrorList {
 		if _, err := netip.ParseAddr(p.Status.PodIP); err != nil {
 			errs = append(errs, field.Invalid(field.NewPath("status", "podIP"), p.Status.PodIP, "must be an IP address"))
 		}
+	}
+	for i, a := range p.Status.PodIPs {
+		if _, err := netip.ParseAddr(a.IP); err != nil {
+			errs = append(errs, field.Invalid(field.NewPath("status", "podIPs").Index(i).Child("ip"), a.IP, "must be an IP address"))
+		}
+	}
+	if len(p.Status.PodIPs) > 0 && p.Status.PodIPs[0].IP != p.Status.PodIP {
+		errs = append(errs, field.Invalid(field.NewPath("status", "podIPs").Index(0).Child("ip"), p.Status.PodIPs[0].IP, "must be equal to status.podIP ("+p.Status.PodIP+")"))
 	}
 	for i, c := range p.Spec.Containers {
 		for j, cp := range c.Ports {

@@ -54,17 +54,40 @@ const (
 	UDP Protocol = "UDP"
 )
 
-// Key identifies what gets one listener: a service port and its protocol.
+// Key identifies what gets one listener: a service port, its protocol and
+// its IP family. A dual-stack Service has a ClusterIP of each family, and
+// each family is proxied on its own, to endpoints of that family, as
+// kube-proxy does (one proxier per family).
 type Key struct {
 	Name     PortName
 	Protocol Protocol
+	IPv6     bool
 }
 
-func (k Key) String() string { return k.Name.String() + "/" + string(k.Protocol) }
+// String is "namespace/name:port/TCP", with "/IPv6" added for the IPv6
+// half of a service port.
+func (k Key) String() string {
+	s := k.Name.String() + "/" + string(k.Protocol)
+	if k.IPv6 {
+		s += "/IPv6"
+	}
+	return s
+}
 
-// Compare orders keys by name, then protocol.
+// Compare orders keys by name, protocol, then family (IPv4 first).
 func (k Key) Compare(o Key) int {
-	return cmp.Or(k.Name.Compare(o.Name), cmp.Compare(k.Protocol, o.Protocol))
+	return cmp.Or(k.Name.Compare(o.Name), cmp.Compare(k.Protocol, o.Protocol), compareBool(k.IPv6, o.IPv6))
+}
+
+func compareBool(a, b bool) int {
+	switch {
+	case a == b:
+		return 0
+	case a:
+		return 1
+	default:
+		return -1
+	}
 }
 
 // DefaultAffinityTimeout is how long a ClientIP pin lasts when the Service does
@@ -81,8 +104,9 @@ type Affinity struct {
 	Timeout time.Duration
 }
 
-// Port is one service port as the proxy serves it: the addresses clients use
-// (frontends) and the endpoints traffic is spread over.
+// Port is one service port of one IP family as the proxy serves it: the
+// addresses clients use (frontends) and the endpoints traffic is spread
+// over, all of the ClusterIP's family.
 type Port struct {
 	Name     PortName
 	Protocol Protocol
@@ -107,7 +131,7 @@ type Port struct {
 }
 
 // Key is the listener key of p.
-func (p Port) Key() Key { return Key{Name: p.Name, Protocol: p.Protocol} }
+func (p Port) Key() Key { return Key{Name: p.Name, Protocol: p.Protocol, IPv6: p.ClusterIP.Is6()} }
 
 // Snapshot is the whole desired state of the node at one moment: every
 // proxied service port, sorted by Key, and every Service as DNS publishes

@@ -34,7 +34,7 @@ import (
 
 // Build returns the Snapshot for services and endpointSlices. nodeName is this
 // node's name, for internalTrafficPolicy Local. Service ports that cannot be
-// proxied (SCTP, an IPv6-only Service so far) are left out and named in the
+// proxied (SCTP, a malformed ClusterIP) are left out and named in the
 // returned warnings.
 func Build(services []*v1.Service, endpointSlices []*discovery.EndpointSlice, nodeName string) (service.Snapshot, []error) {
 	bySvc := make(map[[2]string][]*discovery.EndpointSlice)
@@ -52,34 +52,41 @@ func Build(services []*v1.Service, endpointSlices []*discovery.EndpointSlice, no
 		if skip(svc) {
 			continue
 		}
-		clusterIP, err := netip.ParseAddr(svc.Spec.ClusterIP)
-		if err != nil || !clusterIP.Is4() {
-			warnings = append(warnings, fmt.Errorf("service %s/%s: clusterIP %q is not an IPv4 address; only IPv4 Services are proxied so far", svc.Namespace, svc.Name, svc.Spec.ClusterIP))
+		clusterIPs, err := clusterIPs(svc)
+		if err != nil {
+			warnings = append(warnings, err)
 			continue
 		}
 		local := svc.Spec.InternalTrafficPolicy != nil && *svc.Spec.InternalTrafficPolicy == v1.ServiceInternalTrafficPolicyLocal
-		for _, sp := range svc.Spec.Ports {
-			proto := service.Protocol(sp.Protocol)
-			if proto == "" {
-				proto = service.TCP
+		for _, clusterIP := range clusterIPs {
+			// Each family of a dual-stack Service is proxied on its own:
+			// its ClusterIP, the external and load-balancer IPs of its
+			// family, and the endpoints of its family.
+			ipv6 := clusterIP.Is6()
+			for _, sp := range svc.Spec.Ports {
+				proto := service.Protocol(sp.Protocol)
+				if proto == "" {
+					proto = service.TCP
+				}
+				name := service.PortName{Namespace: svc.Namespace, Name: svc.Name, Port: sp.Name}
+				if proto != service.TCP && proto != service.UDP {
+					if !ipv6 || len(clusterIPs) == 1 { // say it once
+						warnings = append(warnings, fmt.Errorf("service port %s: protocol %s is not supported by a userspace proxy; skipped", name, proto))
+					}
+					continue
+				}
+				ports = append(ports, service.Port{
+					Name:            name,
+					Protocol:        proto,
+					ClusterIP:       clusterIP,
+					Port:            uint16(sp.Port),
+					NodePort:        uint16(sp.NodePort),
+					ExternalIPs:     parseIPs(svc.Spec.ExternalIPs, ipv6),
+					LoadBalancerIPs: ingressIPs(svc, ipv6),
+					Affinity:        affinity(svc),
+					Endpoints:       endpoints(bySvc[[2]string{svc.Namespace, svc.Name}], sp.Name, proto, ipv6, local, nodeName),
+				})
 			}
-			name := service.PortName{Namespace: svc.Namespace, Name: svc.Name, Port: sp.Name}
-			if proto != service.TCP && proto != service.UDP {
-				warnings = append(warnings, fmt.Errorf("service port %s: protocol %s is not supported by a userspace proxy; skipped", name, proto))
-				continue
-			}
-			p := service.Port{
-				Name:            name,
-				Protocol:        proto,
-				ClusterIP:       clusterIP,
-				Port:            uint16(sp.Port),
-				NodePort:        uint16(sp.NodePort),
-				ExternalIPs:     parseIPv4s(svc.Spec.ExternalIPs),
-				LoadBalancerIPs: ingressIPs(svc),
-				Affinity:        affinity(svc),
-				Endpoints:       endpoints(bySvc[[2]string{svc.Namespace, svc.Name}], sp.Name, proto, local, nodeName),
-			}
-			ports = append(ports, p)
 		}
 	}
 	snap, err := service.NewSnapshot(ports)
@@ -100,6 +107,28 @@ func skip(svc *v1.Service) bool {
 		svc.Spec.ClusterIP == "" || svc.Spec.ClusterIP == v1.ClusterIPNone
 }
 
+// clusterIPs are the Service's virtual IPs, one per family: spec.clusterIPs,
+// or spec.clusterIP alone from an API server that predates dual-stack.
+func clusterIPs(svc *v1.Service) ([]netip.Addr, error) {
+	ss := svc.Spec.ClusterIPs
+	if len(ss) == 0 {
+		ss = []string{svc.Spec.ClusterIP}
+	}
+	var ips []netip.Addr
+	for _, s := range ss {
+		ip, err := netip.ParseAddr(s)
+		if err != nil || ip.Zone() != "" {
+			return nil, fmt.Errorf("service %s/%s: clusterIP %q is not an IP address; not proxied", svc.Namespace, svc.Name, s)
+		}
+		ip = ip.Unmap()
+		if len(ips) > 0 && ips[0].Is6() == ip.Is6() {
+			return nil, fmt.Errorf("service %s/%s: clusterIPs %v has two addresses of one family; not proxied", svc.Namespace, svc.Name, ss)
+		}
+		ips = append(ips, ip)
+	}
+	return ips, nil
+}
+
 func affinity(svc *v1.Service) service.Affinity {
 	if svc.Spec.SessionAffinity != v1.ServiceAffinityClientIP {
 		return service.Affinity{}
@@ -111,30 +140,36 @@ func affinity(svc *v1.Service) service.Affinity {
 	return a
 }
 
-func parseIPv4s(ss []string) []netip.Addr {
+// parseIPs returns the addresses of ss of one family, IPv6 or IPv4,
+// sorted and each once.
+func parseIPs(ss []string, ipv6 bool) []netip.Addr {
 	var ips []netip.Addr
 	for _, s := range ss {
-		if ip, err := netip.ParseAddr(s); err == nil && ip.Is4() {
-			ips = append(ips, ip)
+		if ip, err := netip.ParseAddr(s); err == nil && ip.Zone() == "" && ip.Unmap().Is6() == ipv6 {
+			ips = append(ips, ip.Unmap())
 		}
 	}
 	slices.SortFunc(ips, netip.Addr.Compare)
 	return slices.Compact(ips)
 }
 
-func ingressIPs(svc *v1.Service) []netip.Addr {
+func ingressIPs(svc *v1.Service, ipv6 bool) []netip.Addr {
 	var ss []string
 	for _, in := range svc.Status.LoadBalancer.Ingress {
 		ss = append(ss, in.IP)
 	}
-	return parseIPv4s(ss)
+	return parseIPs(ss, ipv6)
 }
 
 // endpoints picks the addresses that traffic for one service port goes to.
-func endpoints(svcSlices []*discovery.EndpointSlice, portName string, proto service.Protocol, local bool, nodeName string) []netip.AddrPort {
+func endpoints(svcSlices []*discovery.EndpointSlice, portName string, proto service.Protocol, ipv6, local bool, nodeName string) []netip.AddrPort {
+	family := discovery.AddressTypeIPv4
+	if ipv6 {
+		family = discovery.AddressTypeIPv6
+	}
 	var ready, terminating []netip.AddrPort
 	for _, s := range svcSlices {
-		if s.AddressType != discovery.AddressTypeIPv4 {
+		if s.AddressType != family {
 			continue
 		}
 		port, ok := slicePort(s, portName, proto)
@@ -151,10 +186,10 @@ func endpoints(svcSlices []*discovery.EndpointSlice, portName string, proto serv
 			// Only the first address counts, as in kube-proxy: the API
 			// allows one address per endpoint in practice.
 			ip, err := netip.ParseAddr(ep.Addresses[0])
-			if err != nil || !ip.Is4() {
+			if err != nil || ip.Zone() != "" || ip.Unmap().Is6() != ipv6 {
 				continue
 			}
-			addr := netip.AddrPortFrom(ip, port)
+			addr := netip.AddrPortFrom(ip.Unmap(), port)
 			c := ep.Conditions
 			isReady := c.Ready == nil || *c.Ready
 			isServing := c.Serving == nil || *c.Serving

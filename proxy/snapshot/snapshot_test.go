@@ -1,6 +1,7 @@
 package snapshot
 
 import (
+	"fmt"
 	"net/netip"
 	"slices"
 	"strings"
@@ -121,7 +122,11 @@ func TestSkippedServices(t *testing.T) {
 		svc("headless", func(s *v1.Service) { s.Spec.ClusterIP = "None" }),
 		svc("external", func(s *v1.Service) { s.Spec.Type = v1.ServiceTypeExternalName; s.Spec.ExternalName = "example.org" }),
 		svc("sctp", func(s *v1.Service) { s.Spec.ClusterIP = "10.96.0.12"; s.Spec.Ports[0].Protocol = v1.ProtocolSCTP }),
-		svc("v6", func(s *v1.Service) { s.Spec.ClusterIP = "fd00::10" }),
+		svc("bad", func(s *v1.Service) { s.Spec.ClusterIP = "10.96.0.300" }),
+		svc("twice", func(s *v1.Service) {
+			s.Spec.ClusterIP = "10.96.0.14"
+			s.Spec.ClusterIPs = []string{"10.96.0.14", "10.96.0.15"}
+		}),
 		svc("kept", func(s *v1.Service) { s.Spec.ClusterIP = "10.96.0.13" }),
 	}
 	s, warnings := Build(services, nil, "")
@@ -132,13 +137,53 @@ func TestSkippedServices(t *testing.T) {
 	for _, w := range warnings {
 		joined += w.Error() + "\n"
 	}
-	for _, want := range []string{"default/sctp:http: protocol SCTP is not supported", `clusterIP "fd00::10"`} {
+	for _, want := range []string{"default/sctp:http: protocol SCTP is not supported", `clusterIP "10.96.0.300" is not an IP address`, "two addresses of one family"} {
 		if !strings.Contains(joined, want) {
 			t.Errorf("warnings %q lack %q", joined, want)
 		}
 	}
-	if len(warnings) != 2 {
-		t.Errorf("%d warnings, want 2 (headless and ExternalName are skipped silently)", len(warnings))
+	if len(warnings) != 3 {
+		t.Errorf("%d warnings, want 3 (headless and ExternalName are skipped silently)", len(warnings))
+	}
+}
+
+// TestDualStack: each family of a dual-stack Service is a service port of
+// its own, with the addresses and endpoints of its family only.
+func TestDualStack(t *testing.T) {
+	s := svc("ds", func(s *v1.Service) {
+		s.Spec.ClusterIPs = []string{"fd00:96::10", "10.96.0.10"} // IPv6 primary
+		s.Spec.IPFamilies = []v1.IPFamily{v1.IPv6Protocol, v1.IPv4Protocol}
+		s.Spec.Ports[0].NodePort = 30080
+		s.Spec.ExternalIPs = []string{"203.0.113.7", "2001:db8::7"}
+		s.Status.LoadBalancer.Ingress = []v1.LoadBalancerIngress{{IP: "2001:db8::9"}, {IP: "198.51.100.9"}}
+	})
+	v4 := slice("ds-v4", "ds", 8080, ep{ip: "10.244.1.2"})
+	v6 := slice("ds-v6", "ds", 8080, ep{ip: "fd00:244:1::2"}, ep{ip: "fd00:244:2::2"})
+	v6.AddressType = discovery.AddressTypeIPv6
+	snap, warnings := Build([]*v1.Service{s}, []*discovery.EndpointSlice{v4, v6}, "")
+	if len(warnings) > 0 || len(snap.Ports) != 2 {
+		t.Fatalf("ports %v, warnings %v; want two ports", snap.Ports, warnings)
+	}
+	for _, tt := range []struct {
+		ipv6                    bool
+		clusterIP, external, lb string
+		endpoints               []string
+	}{
+		{false, "10.96.0.10", "203.0.113.7", "198.51.100.9", []string{"10.244.1.2:8080"}},
+		{true, "fd00:96::10", "2001:db8::7", "2001:db8::9", []string{"[fd00:244:1::2]:8080", "[fd00:244:2::2]:8080"}},
+	} {
+		p, ok := snap.Lookup(service.Key{Name: service.PortName{Namespace: "default", Name: "ds", Port: "http"}, Protocol: service.TCP, IPv6: tt.ipv6})
+		if !ok {
+			t.Fatalf("no port for IPv6=%v", tt.ipv6)
+		}
+		var eps []string
+		for _, e := range p.Endpoints {
+			eps = append(eps, e.String())
+		}
+		if p.ClusterIP.String() != tt.clusterIP || p.NodePort != 30080 ||
+			fmt.Sprint(p.ExternalIPs) != "["+tt.external+"]" || fmt.Sprint(p.LoadBalancerIPs) != "["+tt.lb+"]" || !slices.Equal(eps, tt.endpoints) {
+			t.Errorf("IPv6=%v: port %+v, endpoints %v", tt.ipv6, p, eps)
+		}
 	}
 }
 

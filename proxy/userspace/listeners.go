@@ -15,6 +15,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -174,9 +175,14 @@ func New(cfg Config) (*Listeners, error) {
 }
 
 // RedirectBinds is where listeners go when iptables redirects to them: one
-// socket per service port, on Config.BindAddress and a port from
-// Config.Ports.
-func (ls *Listeners) RedirectBinds(*service.Port) []netip.AddrPort {
+// socket per service port, on a port from Config.Ports, at
+// Config.BindAddress for IPv4 and at [::] for the IPv6 half of a dual-stack
+// service port (REDIRECT sends it to the address it arrived on). A nil p
+// means an IPv4 socket.
+func (ls *Listeners) RedirectBinds(p *service.Port) []netip.AddrPort {
+	if p != nil && p.ClusterIP.Is6() {
+		return []netip.AddrPort{netip.AddrPortFrom(netip.IPv6Unspecified(), 0)}
+	}
 	return []netip.AddrPort{netip.AddrPortFrom(ls.cfg.bindAddress(), 0)}
 }
 
@@ -313,16 +319,32 @@ func (l *portListener) open(want netip.AddrPort) (socket, error) {
 }
 
 // ListenConfig makes the proxy's sockets: they may bind addresses the node
-// does not have yet (IP_FREEBIND), with keep-alive at the kernel's timings.
+// does not have yet (IP_FREEBIND, IPV6_FREEBIND), with keep-alive at the
+// kernel's timings.
 var ListenConfig = net.ListenConfig{
 	KeepAliveConfig: keepAlive,
-	Control: func(_, _ string, c syscall.RawConn) error {
+	Control: func(network, _ string, c syscall.RawConn) error {
+		level, opt := unix.IPPROTO_IP, unix.IP_FREEBIND
+		if strings.HasSuffix(network, "6") {
+			level, opt = unix.IPPROTO_IPV6, unix.IPV6_FREEBIND
+		}
 		var serr error
 		err := c.Control(func(fd uintptr) {
-			serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_FREEBIND, 1)
+			serr = unix.SetsockoptInt(int(fd), level, opt, 1)
 		})
 		return errors.Join(err, serr)
 	},
+}
+
+// network is "tcp4" or "tcp6" (proto "tcp"), "udp4" or "udp6" (proto
+// "udp") for a socket at ip. An IPv6 socket of ours is IPv6 only
+// (IPV6_V6ONLY, which Go sets for "tcp6"): the IPv4 half of a service
+// port has a socket of its own.
+func network(proto string, ip netip.Addr) string {
+	if ip.Is6() {
+		return proto + "6"
+	}
+	return proto + "4"
 }
 
 // goroutine starts f as a goroutine owned by the set: Close waits for it.

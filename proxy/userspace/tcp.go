@@ -27,7 +27,7 @@ type tcpSocket struct {
 }
 
 func (l *portListener) listenTCP(addr netip.AddrPort) (socket, error) {
-	ln, err := ListenConfig.Listen(context.Background(), "tcp4", addr.String())
+	ln, err := ListenConfig.Listen(context.Background(), network("tcp", addr.Addr()), addr.String())
 	if err != nil {
 		return nil, err
 	}

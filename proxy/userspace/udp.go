@@ -11,7 +11,6 @@ import (
 	"time"
 
 	"github.com/sirupsen/logrus"
-	"golang.org/x/net/ipv4"
 
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/balancer"
 )
@@ -29,6 +28,7 @@ const maxDatagram = 64 * 1024
 // without traffic either way, or when its endpoint goes away.
 type udpSocket struct {
 	pc  *net.UDPConn
+	dst pktinfo // reads and writes the datagrams' local address
 	set *Listeners
 	bal *balancer.Balancer
 	log logrus.FieldLogger
@@ -43,7 +43,7 @@ type udpSocket struct {
 type udpSession struct {
 	client   netip.AddrPort
 	local    netip.Addr // the address the client sent to: replies come from it
-	oob      []byte     // the IP_PKTINFO control message that says so
+	oob      []byte     // the IP_PKTINFO / IPV6_PKTINFO control message that says so
 	endpoint netip.AddrPort
 	backend  *net.UDPConn // connected to endpoint
 	last     atomic.Int64 // unix nanoseconds of the last datagram either way
@@ -52,24 +52,27 @@ type udpSession struct {
 func (s *udpSession) touch() { s.last.Store(time.Now().UnixNano()) }
 
 func (l *portListener) listenUDP(addr netip.AddrPort) (socket, error) {
-	c, err := ListenConfig.ListenPacket(context.Background(), "udp4", addr.String())
+	c, err := ListenConfig.ListenPacket(context.Background(), network("udp", addr.Addr()), addr.String())
 	if err != nil {
 		return nil, err
 	}
 	pc := c.(*net.UDPConn)
-	// Ask the kernel for each datagram's destination address (IP_PKTINFO),
-	// so that replies leave from the very address the client sent to. This is
-	// what makes REDIRECT right for UDP from the node itself: a redirected
-	// datagram arrives addressed to 127.0.0.1, and a reply from any other
-	// source would not match the connection-tracking entry, so the kernel
-	// could not rewrite it back to the ClusterIP and the client would drop
-	// it. (Upstream worked around this with DNAT to a node IP.)
-	if err := ipv4.NewPacketConn(pc).SetControlMessage(ipv4.FlagDst, true); err != nil {
+	// Ask the kernel for each datagram's destination address (IP_PKTINFO,
+	// IPV6_PKTINFO), so that replies leave from the very address the client
+	// sent to. This is what makes REDIRECT right for UDP from the node
+	// itself: a redirected datagram arrives addressed to 127.0.0.1 (::1),
+	// and a reply from any other source would not match the
+	// connection-tracking entry, so the kernel could not rewrite it back to
+	// the ClusterIP and the client would drop it. (Upstream worked around
+	// this with DNAT to a node IP.)
+	dst := pktinfoFor(addr.Addr())
+	if err := dst.enable(pc); err != nil {
 		pc.Close()
 		return nil, err
 	}
 	s := &udpSocket{
 		pc:       pc,
+		dst:      dst,
 		set:      l.set,
 		bal:      &l.bal,
 		log:      l.log,
@@ -121,8 +124,7 @@ func (u *udpSocket) Sessions() int {
 // backoff: it never silently ends the service (kubernetes#13709).
 func (u *udpSocket) serve() {
 	buf := make([]byte, maxDatagram)
-	oob := ipv4.NewControlMessage(ipv4.FlagDst)
-	var cm ipv4.ControlMessage
+	oob := u.dst.buffer()
 	failures := 0
 	for {
 		n, oobn, _, client, err := u.pc.ReadMsgUDPAddrPort(buf, oob)
@@ -138,11 +140,7 @@ func (u *udpSocket) serve() {
 		}
 		failures = 0
 		client = netip.AddrPortFrom(client.Addr().Unmap(), client.Port())
-		var local netip.Addr
-		if cm.Parse(oob[:oobn]) == nil {
-			local, _ = netip.AddrFromSlice(cm.Dst.To4())
-		}
-		u.forward(client, local, buf[:n])
+		u.forward(client, u.dst.parse(oob[:oobn]), buf[:n])
 	}
 }
 
@@ -203,7 +201,7 @@ func (u *udpSocket) session(client netip.AddrPort, local netip.Addr) *udpSession
 	}
 	s = &udpSession{client: client, local: local, endpoint: ep, backend: backend}
 	if local.IsValid() {
-		s.oob = (&ipv4.ControlMessage{Src: local.AsSlice()}).Marshal()
+		s.oob = u.dst.source(local)
 	}
 	s.touch()
 	u.mu.Lock()

@@ -19,10 +19,17 @@ func udpPort(eps ...netip.AddrPort) service.Port {
 	return service.Port{Name: dns, Protocol: service.UDP, ClusterIP: netip.MustParseAddr("10.96.0.10"), Port: 53, Endpoints: eps}
 }
 
-// udpBackend answers every datagram with name, a newline and the datagram.
+// udpBackend answers every datagram with name, a newline and the datagram,
+// on 127.0.0.1.
 func udpBackend(t *testing.T, name string) netip.AddrPort {
 	t.Helper()
-	pc, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	return udpBackendOn(t, netip.MustParseAddr("127.0.0.1"), name)
+}
+
+// udpBackendOn is udpBackend on loopback address ip.
+func udpBackendOn(t *testing.T, ip netip.Addr, name string) netip.AddrPort {
+	t.Helper()
+	pc, err := net.ListenUDP(network("udp", ip), net.UDPAddrFromAddrPort(netip.AddrPortFrom(ip, 0)))
 	if err != nil {
 		t.Fatal(err)
 	}

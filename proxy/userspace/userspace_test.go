@@ -64,10 +64,17 @@ func listen(t *testing.T, ls *Listeners, s service.Snapshot, key service.Key) st
 	return fmt.Sprintf("127.0.0.1:%d", addrs[0].Port())
 }
 
-// backend is a TCP server on loopback that runs handle for each connection.
+// backend is a TCP server on 127.0.0.1 that runs handle for each
+// connection.
 func backend(t *testing.T, handle func(*net.TCPConn)) netip.AddrPort {
 	t.Helper()
-	ln, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	return backendOn(t, netip.MustParseAddr("127.0.0.1"), handle)
+}
+
+// backendOn is backend on loopback address ip.
+func backendOn(t *testing.T, ip netip.Addr, handle func(*net.TCPConn)) netip.AddrPort {
+	t.Helper()
+	ln, err := net.ListenTCP(network("tcp", ip), net.TCPAddrFromAddrPort(netip.AddrPortFrom(ip, 0)))
 	if err != nil {
 		t.Fatal(err)
 	}
