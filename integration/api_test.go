@@ -3,6 +3,7 @@ package integration
 import (
 	"context"
 	"fmt"
+	"net/netip"
 	"os"
 	"slices"
 	"strings"
@@ -108,6 +109,9 @@ type kubelet struct {
 	c    kubernetes.Interface
 	ns   string
 	node string
+	// dualStack reports the pod's IPv6 address too, as a kubelet on a
+	// dual-stack node does (status.podIPs).
+	dualStack bool
 }
 
 func (k *kubelet) run(w lab.WebPod, labels map[string]string) {
@@ -135,7 +139,11 @@ func (k *kubelet) run(w lab.WebPod, labels map[string]string) {
 	// EndpointSlice controller passes the Ready one on as the slice's
 	// last-change-trigger-time.
 	now := metav1.Now()
-	pod.Status = v1.PodStatus{Phase: v1.PodRunning, PodIP: w.IP.String(), PodIPs: []v1.PodIP{{IP: w.IP.String()}},
+	podIPs := []v1.PodIP{{IP: w.IP.String()}}
+	if k.dualStack {
+		podIPs = append(podIPs, v1.PodIP{IP: lab.PodIP6(w.Index).String()})
+	}
+	pod.Status = v1.PodStatus{Phase: v1.PodRunning, PodIP: w.IP.String(), PodIPs: podIPs,
 		Conditions: []v1.PodCondition{{Type: v1.PodReady, Status: v1.ConditionTrue, LastTransitionTime: now}, {Type: v1.ContainersReady, Status: v1.ConditionTrue, LastTransitionTime: now}}}
 	if _, err := k.c.CoreV1().Pods(k.ns).UpdateStatus(ctx, pod, metav1.UpdateOptions{}); err != nil {
 		k.t.Fatalf("report pod %s running: %v", w.Name, err)
@@ -382,6 +390,41 @@ func TestServiceStoryThroughTheAPI(t *testing.T) {
 			}
 			return nil
 		})
+	})
+	t.Run("a dual-stack Service: the API gives it an IPv6 ClusterIP, reached over IPv6", func(t *testing.T) {
+		w := lab.NewWebPod(6, "v1", 8080)
+		if _, err := l.AddWeb(tools, w); err != nil {
+			t.Fatal(err)
+		}
+		dual := *k
+		dual.dualStack = true
+		dual.run(w, map[string]string{"app": "dual"})
+		policy := v1.IPFamilyPolicyRequireDualStack
+		ds, err := c.CoreV1().Services(ns).Create(ctx, &v1.Service{
+			ObjectMeta: metav1.ObjectMeta{Name: "dual", Namespace: ns},
+			Spec: v1.ServiceSpec{IPFamilyPolicy: &policy, Selector: map[string]string{"app": "dual"},
+				Ports: []v1.ServicePort{{Name: "http", Port: 80, TargetPort: intstr.FromString("web-port")}}},
+		}, metav1.CreateOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(ds.Spec.ClusterIPs) != 2 {
+			t.Fatalf("the API server gave clusterIPs %v; want one of each family", ds.Spec.ClusterIPs)
+		}
+		dual.waitSlices(t, "dual", w.IP.String(), lab.PodIP6(6).String())
+		for _, ip := range ds.Spec.ClusterIPs {
+			u := "http://" + netip.AddrPortFrom(netip.MustParseAddr(ip), 80).String() + "/"
+			eventually(t, "curl "+u, func() error {
+				got, err := client.Curl(ctx, u)
+				if err != nil || got != w.Greeting() {
+					return fmt.Errorf("%q, %v", got, err)
+				}
+				return nil
+			})
+		}
+		if err := c.CoreV1().Services(ns).Delete(ctx, "dual", metav1.DeleteOptions{}); err != nil {
+			t.Fatal(err)
+		}
 	})
 	t.Run("API server outage: traffic flows on the last state, then changes apply again", func(t *testing.T) {
 		v2 := "This is Web Server 4 running on 9090!"

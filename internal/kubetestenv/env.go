@@ -106,7 +106,7 @@ func (e *Env) StartAPIServer() error {
 		"--etcd-servers="+fmt.Sprintf("http://127.0.0.1:%d", e.etcdPort),
 		"--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", "--secure-port="+strconv.Itoa(e.APIPort),
 		"--tls-cert-file="+e.path("apiserver.crt"), "--tls-private-key-file="+e.path("apiserver.key"),
-		"--service-cluster-ip-range=10.96.0.0/16", "--endpoint-reconciler-type=none",
+		"--service-cluster-ip-range=10.96.0.0/16,fd00:96::/108", "--endpoint-reconciler-type=none", // dual-stack Services
 		"--token-auth-file="+e.path("tokens.csv"), "--client-ca-file="+e.path("ca.crt"),
 		"--authorization-mode=RBAC", "--anonymous-auth=false",
 		"--service-account-issuer=https://kubernetes.default.svc",
