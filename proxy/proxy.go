@@ -346,7 +346,9 @@ func (p *proxier) apply(s service.Snapshot, full bool) {
 	}
 	// 2. Point the Service addresses at the sockets: rules, or local
 	// addresses.
+	opened := time.Now()
 	wrote, err := p.front.point(s, bound, p.dns, full)
+	pointed := time.Now()
 	if err != nil {
 		// Keep every socket open: what is still in the kernel may lead
 		// to any of them. The next change or sync tries again.
@@ -369,7 +371,8 @@ func (p *proxier) apply(s service.Snapshot, full bool) {
 		p.metrics.networkProgramming.Observe(time.Since(t).Seconds())
 	}
 	p.triggers = nil
-	p.log.WithFields(logrus.Fields{"servicePorts": len(s.Ports), "rulesWritten": wrote, "duration": time.Since(start).Round(time.Microsecond)}).Debug("Synced")
+	p.log.WithFields(logrus.Fields{"servicePorts": len(s.Ports), "rulesWritten": wrote, "duration": time.Since(start).Round(time.Microsecond),
+		"listenersDuration": opened.Sub(start).Round(time.Microsecond), "pointDuration": pointed.Sub(opened).Round(time.Microsecond)}).Debug("Synced")
 }
 
 // logChanges logs one line per service port added, changed or removed.

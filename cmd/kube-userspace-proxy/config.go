@@ -51,8 +51,25 @@ func (o *options) loadConfig(path string, flags *pflag.FlagSet, log logrus.Field
 			apply()
 		}
 	}
-	if c.ClientConnection.Kubeconfig != "" {
-		set("kubeconfig", func() { o.kubeconfig = c.ClientConnection.Kubeconfig })
+	if cc := c.ClientConnection; cc.Kubeconfig != "" {
+		set("kubeconfig", func() { o.kubeconfig = cc.Kubeconfig })
+	}
+	if cc := c.ClientConnection; cc.QPS < 0 {
+		errs = append(errs, field.Invalid(root.Child("clientConnection", "qps"), cc.QPS, "must be 0 (the default, 5) or more"))
+	} else if cc.QPS > 0 {
+		set("kube-api-qps", func() { o.apiQPS = cc.QPS })
+	}
+	if cc := c.ClientConnection; cc.Burst < 0 {
+		errs = append(errs, field.Invalid(root.Child("clientConnection", "burst"), cc.Burst, "must be 0 (the default, 10) or more"))
+	} else if cc.Burst > 0 {
+		set("kube-api-burst", func() { o.apiBurst = cc.Burst })
+	}
+	switch ct := c.ClientConnection.ContentType; ct {
+	case "":
+	case "application/json", "application/vnd.kubernetes.protobuf":
+		set("kube-api-content-type", func() { o.apiContentType = ct })
+	default:
+		errs = append(errs, field.NotSupported(root.Child("clientConnection", "contentType"), ct, []string{"application/json", "application/vnd.kubernetes.protobuf"}))
 	}
 	if d := c.IPTables.MinSyncPeriod.Duration; d != 0 {
 		if d < 0 {
@@ -176,6 +193,7 @@ func (o *options) writeConfig(path string) error {
 	c.IPTables.MinSyncPeriod.Duration = o.minSyncPeriod
 	c.ConfigSyncPeriod.Duration = o.configSync
 	c.ClientConnection.Kubeconfig = o.kubeconfig
+	c.ClientConnection.QPS, c.ClientConnection.Burst, c.ClientConnection.ContentType = o.apiQPS, o.apiBurst, o.apiContentType
 	data, err := yaml.Marshal(&c)
 	if err != nil {
 		return err

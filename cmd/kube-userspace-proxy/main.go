@@ -58,6 +58,9 @@ type options struct {
 	configFile       string
 	kubeconfig       string
 	master           string
+	apiQPS           float32
+	apiBurst         int32
+	apiContentType   string
 	serviceProxyName string
 	minSyncPeriod    time.Duration
 	configSync       time.Duration
@@ -114,6 +117,9 @@ and carries each connection to one of the Service's pods, round robin.`,
 	f.StringVar(&o.writeConfigTo, "write-config-to", "", "write the effective settings as a KubeProxyConfiguration to this file and exit")
 	f.StringVar(&o.kubeconfig, "kubeconfig", "", "kubeconfig of the cluster to serve (with neither this nor --master nor --manifests: the in-cluster configuration)")
 	f.StringVar(&o.master, "master", "", "the API server's address, overriding the kubeconfig's")
+	f.Float32Var(&o.apiQPS, "kube-api-qps", 5, "queries per second to the API server, as kube-proxy")
+	f.Int32Var(&o.apiBurst, "kube-api-burst", 10, "burst of queries to the API server, as kube-proxy")
+	f.StringVar(&o.apiContentType, "kube-api-content-type", "application/vnd.kubernetes.protobuf", "content type of requests to the API server (protobuf decodes large lists several times faster than JSON)")
 	f.StringVar(&o.serviceProxyName, "service-proxy-name", "", "serve only the Services labelled service.kubernetes.io/service-proxy-name with this value (default: only those without the label, as kube-proxy)")
 	f.DurationVar(&o.minSyncPeriod, "iptables-min-sync-period", time.Second, "the least time between two applies of cluster changes; changes closer together are applied together")
 	f.DurationVar(&o.configSync, "config-sync-period", 15*time.Minute, "how often the informers resync their caches")
@@ -267,6 +273,12 @@ func (o *options) config(log logrus.FieldLogger) (proxy.Config, error) {
 	if o.configSync <= 0 {
 		errs = append(errs, fmt.Errorf("--config-sync-period %s: must be greater than 0", o.configSync))
 	}
+	if o.apiContentType != "application/json" && o.apiContentType != "application/vnd.kubernetes.protobuf" {
+		errs = append(errs, fmt.Errorf("--kube-api-content-type %q: want application/vnd.kubernetes.protobuf or application/json", o.apiContentType))
+	}
+	if o.apiQPS <= 0 || o.apiBurst <= 0 {
+		errs = append(errs, fmt.Errorf("--kube-api-qps %v, --kube-api-burst %d: both must be greater than 0", o.apiQPS, o.apiBurst))
+	}
 	var client kubernetes.Interface
 	if o.manifests == "" && o.writeConfigTo == "" {
 		c, err := o.kubeClient()
@@ -353,6 +365,7 @@ func (o *options) kubeClient() (kubernetes.Interface, error) {
 		return nil, fmt.Errorf("--kubeconfig %q --master %q: %w", o.kubeconfig, o.master, err)
 	}
 	rc.UserAgent = "kube-userspace-proxy/" + version
+	rc.QPS, rc.Burst, rc.ContentType = o.apiQPS, int(o.apiBurst), o.apiContentType
 	c, err := kubernetes.NewForConfig(rc)
 	if err != nil {
 		return nil, fmt.Errorf("API client: %w", err)

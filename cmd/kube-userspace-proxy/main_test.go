@@ -28,6 +28,8 @@ func TestBadFlags(t *testing.T) {
 		{[]string{"--manifests", "x", "--bind-address", "fd00::1"}, "only IPv4 is supported"},
 		{[]string{"--manifests", "x", "--proxy-port-range", "9-1"}, `--proxy-port-range "9-1"`},
 		{[]string{"--manifests", "x", "--udp-timeout", "0s"}, "--udp-timeout 0s: must be greater than 0"},
+		{[]string{"--manifests", "x", "--kube-api-content-type", "text/yaml"}, `--kube-api-content-type "text/yaml": want application/vnd.kubernetes.protobuf or application/json`},
+		{[]string{"--manifests", "x", "--kube-api-qps", "0"}, "--kube-api-qps 0, --kube-api-burst 10: both must be greater than 0"},
 		{[]string{"--manifests", "x", "--iptables-backend", "bpf"}, `--iptables-backend "bpf": want legacy, nft or auto`},
 		{[]string{"--manifests", "x", "--log-format", "xml"}, `--log-format "xml": want text or json`},
 		{[]string{"--kubeconfig", "/nonexistent/kubeconfig"}, `--kubeconfig "/nonexistent/kubeconfig"`},
@@ -76,7 +78,7 @@ func TestKubeadmConfigAccepted(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{"apiVersion: kubeproxy.config.k8s.io/v1alpha1", "kind: KubeProxyConfiguration", "bindAddress: 0.0.0.0", "portRange: 30000-30999", "syncPeriod: 30s"} {
+	for _, want := range []string{"apiVersion: kubeproxy.config.k8s.io/v1alpha1", "kind: KubeProxyConfiguration", "bindAddress: 0.0.0.0", "portRange: 30000-30999", "syncPeriod: 30s", "contentType: application/vnd.kubernetes.protobuf", "qps: 5"} {
 		if !strings.Contains(string(got), want) {
 			t.Errorf("effective config lacks %q:\n%s", want, got)
 		}
@@ -96,6 +98,8 @@ func TestBadConfig(t *testing.T) {
 		{"apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nhealthzBindAddress: nowhere\n", `KubeProxyConfiguration.healthzBindAddress: Invalid value: "nowhere"`},
 		{"apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nnodePortAddresses: [10.0.0.0/40]\n", `KubeProxyConfiguration.nodePortAddresses[0]: Invalid value: "10.0.0.0/40"`},
 		{"apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\niptables: {syncPeriod: -1s}\n", `KubeProxyConfiguration.iptables.syncPeriod: Invalid value: "-1s"`},
+		{"apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nclientConnection: {qps: -1}\n", `KubeProxyConfiguration.clientConnection.qps: Invalid value: -1`},
+		{"apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nclientConnection: {contentType: text/yaml}\n", `KubeProxyConfiguration.clientConnection.contentType: Unsupported value: "text/yaml"`},
 	}
 	for _, tt := range tests {
 		path := filepath.Join(t.TempDir(), "config.yaml")
