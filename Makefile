@@ -24,7 +24,7 @@ export KUBE_TESTENV_BIN ?= $(or $(HOME),/root)/.cache/kube-testenv/$(KUBE_TESTEN
 DEB_PACKAGES := iptables iproute2 curl nftables dnsutils
 BENCH_PACKAGES := iperf3 wrk haproxy socat
 
-.PHONY: all build kube-testenv test demo bench bench-programming bench-modes dnsperf deps bench-deps netbench clean
+.PHONY: all build kube-testenv test demo bench bench-programming bench-sync bench-modes dnsperf deps bench-deps netbench clean
 
 all: build
 
@@ -73,6 +73,11 @@ bench: deps
 # server, p50 and p99 over 100 EndpointSlice changes.
 bench-programming: deps kube-testenv
 	$(GO) test -run '^$$' -bench NetworkProgramming -benchtime 100x ./integration/
+
+# bench-sync: time from the proxy's start to 1,000 and 10,000 Services
+# programmed, listed from the real API server, and the proxy's peak memory.
+bench-sync: deps kube-testenv
+	$(GO) test -run '^$$' -bench FirstSyncFromAPI -benchtime 3x ./integration/
 
 # bench-modes: redirect mode against bind mode (and a direct connection) in
 # one lab and one run, with wrk.
