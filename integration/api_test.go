@@ -278,8 +278,8 @@ func TestServiceStoryThroughTheAPI(t *testing.T) {
 			eps = append(eps, fmt.Sprintf("pod %s node=%s ip=%s phase=%s conds=%v labels=%v", p.Name, p.Spec.NodeName, p.Status.PodIP, p.Status.Phase, p.Status.Conditions, p.Labels))
 		}
 		out := proxy.Output()
-		if len(out) > 3000 {
-			out = out[len(out)-3000:]
+		if len(out) > 30000 {
+			out = out[len(out)-30000:]
 		}
 		t.Fatalf("%s: %v\nendpoint slices in the API: %v\nproxy log ends:\n%s", what, err, eps, out)
 		return 0
@@ -413,6 +413,15 @@ func TestServiceStoryThroughTheAPI(t *testing.T) {
 		}
 		dual.waitSlices(t, "dual", w.IP.String(), lab.PodIP6(6).String())
 		for _, ip := range ds.Spec.ClusterIPs {
+			// Connect only once the proxy has applied the Service: a
+			// SYN sent before our rule existed has its NAT settled
+			// already, and its retransmits would not be redirected.
+			if _, err := proxy.WaitFor(0, 5*time.Second, func(line string) bool {
+				e := lab.LogEntry(line)
+				return e["msg"] == "Added service port" && e["clusterIP"] == ip && strings.HasSuffix(fmt.Sprint(e["service"]), "/dual:http")
+			}); err != nil {
+				t.Fatal(err)
+			}
 			u := "http://" + netip.AddrPortFrom(netip.MustParseAddr(ip), 80).String() + "/"
 			eventually(t, "curl "+u, func() error {
 				got, err := client.Curl(ctx, u)

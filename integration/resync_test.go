@@ -3,7 +3,6 @@ package integration
 import (
 	"context"
 	"fmt"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -17,21 +16,8 @@ import (
 // back what someone else flushed.
 func TestRulesOnlyWhenNeeded(t *testing.T) {
 	ctx := context.Background()
-	l := newLab(t)
-	client, err := l.AddPod("client", lab.ClientPod)
-	if err != nil {
-		t.Fatal(err)
-	}
-	story := lab.FirstStory()
-	for _, w := range story.Pods {
-		if _, err := l.AddWeb(tools, w); err != nil {
-			t.Fatal(err)
-		}
-	}
-	manifest := filepath.Join(t.TempDir(), "lab.yaml")
-	if err := story.Write(manifest); err != nil {
-		t.Fatal(err)
-	}
+	l, client, manifest := firstStoryLab(t, "")
+	story := lab.FirstStory() // what the manifest holds
 	proxy, err := l.StartProxy(tools, manifest, "--iptables-sync-period", "2s")
 	if err != nil {
 		t.Fatal(err)

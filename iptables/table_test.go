@@ -1,55 +1,13 @@
 package iptables
 
 import (
-	"crypto/rand"
-	"encoding/hex"
 	"net/netip"
-	"os"
 	"os/exec"
-	"runtime"
 	"strings"
 	"testing"
 
-	"golang.org/x/sys/unix"
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/internal/netnstest"
 )
-
-// inNetns runs f on a thread that has entered a new network namespace, so
-// every iptables command f runs acts on that namespace's tables and on
-// nothing of the machine's. The namespace is deleted afterwards.
-func inNetns(t *testing.T, f func()) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Fatal("this test needs root: it creates a network namespace (make test runs as root in CI)")
-	}
-	b := make([]byte, 4)
-	rand.Read(b)
-	name := "kupipt" + hex.EncodeToString(b)
-	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
-		t.Fatalf("ip netns add: %v: %s", err, out)
-	}
-	defer exec.Command("ip", "netns", "del", name).Run()
-
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		// This thread's namespace is changed for good: locking it and
-		// never unlocking makes the runtime discard the thread when the
-		// goroutine ends, so no other goroutine ever runs in it.
-		runtime.LockOSThread()
-		fd, err := unix.Open("/var/run/netns/"+name, unix.O_RDONLY|unix.O_CLOEXEC, 0)
-		if err != nil {
-			t.Errorf("open netns: %v", err)
-			return
-		}
-		defer unix.Close(fd)
-		if err := unix.Setns(fd, unix.CLONE_NEWNET); err != nil {
-			t.Errorf("setns: %v", err)
-			return
-		}
-		f()
-	}()
-	<-done
-}
 
 func save(t *testing.T, backend Backend, family Family) string {
 	out, err := exec.Command(family.tool(backend, "-save")).CombinedOutput()
@@ -81,7 +39,7 @@ func TestTableInNetns(t *testing.T) {
 	} {
 		backend, family, example := tt.backend, tt.family, tt.rules
 		t.Run(string(backend)+"-"+string(family), func(t *testing.T) {
-			inNetns(t, func() {
+			netnstest.Run(t, func() {
 				ipt := family.tool(backend, "")
 				// Somebody else's rules, which we must never touch.
 				run(t, ipt, "-t", "nat", "-A", "PREROUTING", "-p", "tcp", "--dport", "8443", "-j", "REDIRECT", "--to-ports", "443")

@@ -9,6 +9,7 @@ import (
 
 	"github.com/sirupsen/logrus"
 
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/conntrack"
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/iptables"
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/localaddr"
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/service"
@@ -60,6 +61,8 @@ type redirectFrontend struct {
 
 // family is one IP family's rule table, and what we last wrote to it.
 type family struct {
+	log     logrus.FieldLogger
+	ipv6    bool
 	table   *iptables.Table
 	written []iptables.Redirect // nil until a write succeeds
 }
@@ -107,12 +110,54 @@ func (t *family) write(rs []iptables.Redirect, full bool) (bool, error) {
 	if !full && t.written != nil && slices.Equal(rs, t.written) {
 		return false, nil
 	}
+	old := t.written
 	t.written = nil
 	if err := t.table.Sync(rs); err != nil {
 		return true, err
 	}
 	t.written = append([]iptables.Redirect{}, rs...) // non-nil even when empty
+	t.clearStaleUDP(old, rs)
 	return true, nil
+}
+
+// clearStaleUDP deletes the conntrack entries of UDP flows that no longer
+// go where the rules rs send them, when the UDP rules changed since old
+// (nil: unknown, as after a start). See package conntrack.
+func (t *family) clearStaleUDP(old, rs []iptables.Redirect) {
+	current, before := udpMappings(rs), udpMappings(old)
+	if old != nil && slices.Equal(current, before) {
+		return
+	}
+	var removed []conntrack.Mapping
+	for _, m := range before {
+		if !slices.Contains(current, m) {
+			removed = append(removed, m)
+		}
+	}
+	n, err := conntrack.ClearStale(t.ipv6, current, removed)
+	if err != nil {
+		// Only flows that started before the change stay stale.
+		t.log.WithError(err).Warn("Could not clear stale UDP conntrack entries")
+		return
+	}
+	if n > 0 {
+		t.log.WithField("entries", n).Info("Cleared UDP conntrack entries that led elsewhere than the rules now say")
+	}
+}
+
+// udpMappings are the UDP rules of rs, as conntrack sees them.
+func udpMappings(rs []iptables.Redirect) []conntrack.Mapping {
+	var ms []conntrack.Mapping
+	for _, r := range rs {
+		if r.Protocol == "udp" {
+			ip := r.IP
+			if r.Kind == iptables.NodePort {
+				ip = netip.Addr{}
+			}
+			ms = append(ms, conntrack.Mapping{IP: ip, Port: r.Port, Listener: r.ToPort})
+		}
+	}
+	return ms
 }
 
 // redirects lists the rules for s, and for the DNS stub when dns is not
@@ -304,7 +349,7 @@ func newRedirect(cfg *Config, log logrus.FieldLogger, listeners *userspace.Liste
 	if err != nil {
 		return nil, err
 	}
-	f := &redirectFrontend{log: log, listeners: listeners, v4: family{table: table}}
+	f := &redirectFrontend{log: log, listeners: listeners, v4: family{log: log, table: table}}
 	// IPv6: only where ip6tables can NAT. Creating our chains is the
 	// probe; without it, IPv4 is served all the same.
 	table6, err := iptables.New(backend, iptables.IPv6, netip.Addr{})
@@ -315,7 +360,7 @@ func newRedirect(cfg *Config, log logrus.FieldLogger, listeners *userspace.Liste
 		log.WithError(err).Warn("ip6tables cannot NAT here: the IPv6 halves of Services are not served")
 		return f, nil
 	}
-	f.v6.table = table6
+	f.v6 = family{log: log, ipv6: true, table: table6}
 	return f, nil
 }
 

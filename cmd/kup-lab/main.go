@@ -150,7 +150,7 @@ func get(client *http.Client, url string) (string, error) {
 // line of each reply, with the reply's size.
 func udpCommand() *cobra.Command {
 	var n, size int
-	var timeout time.Duration
+	var timeout, retryFor time.Duration
 	cmd := &cobra.Command{
 		Use:   "udp ADDR",
 		Short: "Send N datagrams of SIZE bytes and print what comes back",
@@ -163,12 +163,24 @@ func udpCommand() *cobra.Command {
 			defer c.Close()
 			buf := make([]byte, 65536)
 			payload := []byte(strings.Repeat("u", size))
+			giveUp := time.Now().Add(retryFor)
 			for range n {
 				if _, err := c.Write(payload); err != nil {
 					return err
 				}
-				c.SetReadDeadline(time.Now().Add(timeout))
+				deadline := time.Now().Add(timeout)
+				c.SetReadDeadline(deadline)
 				m, err := c.Read(buf)
+				// With --retry-for, an unanswered datagram is sent
+				// again from the same socket, as a resolver does, once
+				// per timeout (an ICMP error ends a read at once).
+				for err != nil && time.Now().Before(giveUp) {
+					time.Sleep(time.Until(deadline))
+					c.Write(payload)
+					deadline = time.Now().Add(timeout)
+					c.SetReadDeadline(deadline)
+					m, err = c.Read(buf)
+				}
 				if err != nil {
 					return fmt.Errorf("no reply: %w", err)
 				}
@@ -184,6 +196,7 @@ func udpCommand() *cobra.Command {
 	cmd.Flags().IntVarP(&n, "count", "n", 1, "datagrams to send")
 	cmd.Flags().IntVar(&size, "size", 16, "payload size in bytes")
 	cmd.Flags().DurationVar(&timeout, "timeout", 2*time.Second, "how long to wait for each reply")
+	cmd.Flags().DurationVar(&retryFor, "retry-for", 0, "keep sending an unanswered datagram again, from the same socket, for this long")
 	return cmd
 }
 

@@ -7,6 +7,8 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/internal/netnstest"
 )
 
 func TestParse(t *testing.T) {
@@ -52,7 +54,13 @@ func bind(lns *[]net.Listener) func(int) (int, error) {
 	}
 }
 
+// TestAllocateWholeRangeThenExhausted runs in a network namespace of its
+// own: a fixed range of the machine's could be in use by any other process.
 func TestAllocateWholeRangeThenExhausted(t *testing.T) {
+	netnstest.Run(t, func() { allocateWholeRangeThenExhausted(t) })
+}
+
+func allocateWholeRangeThenExhausted(t *testing.T) {
 	var lns []net.Listener
 	defer func() {
 		for _, ln := range lns {

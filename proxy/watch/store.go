@@ -136,8 +136,11 @@ func (t *triggers) note(before, after map[string]string) {
 	if v == "" || v == before[v1.EndpointsLastChangeTriggerTime] {
 		return
 	}
+	// The annotation often comes from a pod condition's transition time,
+	// which the API keeps to the second: compare at that precision, or a
+	// change made in the second we started would be dropped.
 	at, err := time.Parse(time.RFC3339Nano, v)
-	if err != nil || at.Before(t.since) {
+	if err != nil || at.Before(t.since.Truncate(time.Second)) {
 		return
 	}
 	t.mu.Lock()

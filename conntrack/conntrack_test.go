@@ -1,0 +1,119 @@
+package conntrack
+
+import (
+	"net"
+	"net/netip"
+	"os/exec"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netlink"
+
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/internal/netnstest"
+)
+
+func run(t *testing.T, args ...string) {
+	t.Helper()
+	if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
+		t.Fatalf("%v: %v: %s", args, err, out)
+	}
+}
+
+// listener is a UDP socket on 127.0.0.1 that receives into a channel.
+func listener(t *testing.T) (uint16, <-chan struct{}) {
+	t.Helper()
+	pc, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pc.Close() })
+	got := make(chan struct{}, 16)
+	go func() {
+		buf := make([]byte, 100)
+		for {
+			if _, _, err := pc.ReadFrom(buf); err != nil {
+				return
+			}
+			got <- struct{}{}
+		}
+	}()
+	return uint16(pc.LocalAddr().(*net.UDPAddr).Port), got
+}
+
+// flows lists the UDP entries of the namespace as "dst:port->replySrcPort".
+func flows(t *testing.T) map[string]bool {
+	t.Helper()
+	list, err := netlink.ConntrackTableList(netlink.ConntrackTable, netlink.FAMILY_V4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]bool{}
+	for _, f := range list {
+		if f.Forward.Protocol == 17 {
+			out[f.Forward.DstIP.String()+":"+strconv.Itoa(int(f.Forward.DstPort))+"->"+strconv.Itoa(int(f.Reverse.SrcPort))] = true
+		}
+	}
+	return out
+}
+
+// TestClearStale, with the real kernel in a namespace of its own: UDP
+// flows that rules of ours redirected are deleted once they lead elsewhere
+// than the rules now say (a changed listener port, a removed mapping), and
+// flows that still match are kept.
+func TestClearStale(t *testing.T) {
+	netnstest.Run(t, func() {
+		run(t, "ip", "route", "add", "10.96.0.0/16", "dev", "lo")
+		a, gotA := listener(t)
+		b, gotB := listener(t)
+		for _, r := range []struct {
+			ip string
+			to uint16
+		}{{"10.96.0.10", a}, {"10.96.0.20", b}} {
+			run(t, "iptables", "-t", "nat", "-A", "OUTPUT", "-d", r.ip, "-p", "udp", "--dport", "53", "-j", "REDIRECT", "--to-ports", strconv.Itoa(int(r.to)))
+		}
+		// Two clients, each keeping one socket, as a resolver does.
+		for _, c := range []struct {
+			ip  string
+			got <-chan struct{}
+		}{{"10.96.0.10:53", gotA}, {"10.96.0.20:53", gotB}} {
+			conn, err := net.Dial("udp", c.ip)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			conn.Write([]byte("x"))
+			select {
+			case <-c.got:
+			case <-time.After(2 * time.Second):
+				t.Fatalf("no datagram reached the listener of %s", c.ip)
+			}
+		}
+		flowA := "10.96.0.10:53->" + strconv.Itoa(int(a))
+		flowB := "10.96.0.20:53->" + strconv.Itoa(int(b))
+		if f := flows(t); !f[flowA] || !f[flowB] {
+			t.Fatalf("conntrack has %v; want %s and %s", f, flowA, flowB)
+		}
+
+		// 10.96.0.10:53 now leads to another listener; 10.96.0.20 is as
+		// it was.
+		current := []Mapping{
+			{IP: netip.MustParseAddr("10.96.0.10"), Port: 53, Listener: a + 1},
+			{IP: netip.MustParseAddr("10.96.0.20"), Port: 53, Listener: b},
+		}
+		if n, err := ClearStale(false, current, nil); err != nil || n != 1 {
+			t.Errorf("ClearStale after a listener change deleted %d, %v; want 1", n, err)
+		}
+		if f := flows(t); f[flowA] || !f[flowB] {
+			t.Errorf("after a listener change conntrack has %v; want %s gone, %s kept", f, flowA, flowB)
+		}
+		// 10.96.0.20:53 is removed.
+		removed := current[1:]
+		if n, err := ClearStale(false, current[:1], removed); err != nil || n != 1 {
+			t.Errorf("ClearStale after a removal deleted %d, %v; want 1", n, err)
+		}
+		if f := flows(t); f[flowB] {
+			t.Errorf("after the removal conntrack still has %s: %v", flowB, f)
+		}
+	})
+}
