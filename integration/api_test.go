@@ -388,6 +388,22 @@ func TestServiceStoryThroughTheAPI(t *testing.T) {
 			if n < 1 || sum <= 0 || sum/n > 10 {
 				return fmt.Errorf("count %v, sum %v: want at least one observation of a few seconds at most", n, sum)
 			}
+			// The selector change and the slices that followed were
+			// counted as they came, and nothing waits any more.
+			for series, least := range map[string]float64{
+				"kubeproxy_sync_proxy_rules_service_changes_total":  2, // the first list, the selector
+				"kubeproxy_sync_proxy_rules_endpoint_changes_total": 2,
+			} {
+				if v := metricValue(out, series); v < least {
+					return fmt.Errorf("%s = %v, want at least %v", series, v, least)
+				}
+			}
+			for _, series := range []string{"kubeproxy_sync_proxy_rules_service_changes_pending", "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
+				`kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy="internal"}`} {
+				if v := metricValue(out, series); v != 0 {
+					return fmt.Errorf("%s = %v, want 0 once applied", series, v)
+				}
+			}
 			return nil
 		})
 	})

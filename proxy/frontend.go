@@ -7,6 +7,7 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/sirupsen/logrus"
 
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/conntrack"
@@ -61,10 +62,11 @@ type redirectFrontend struct {
 
 // family is one IP family's rule table, and what we last wrote to it.
 type family struct {
-	log     logrus.FieldLogger
-	ipv6    bool
-	table   *iptables.Table
-	written []iptables.Redirect // nil until a write succeeds
+	log      logrus.FieldLogger
+	ipv6     bool
+	table    *iptables.Table
+	failures prometheus.Counter  // failed iptables-restore runs
+	written  []iptables.Redirect // nil until a write succeeds
 }
 
 func (f *redirectFrontend) mode() string { return ModeRedirect }
@@ -113,6 +115,7 @@ func (t *family) write(rs []iptables.Redirect, full bool) (bool, error) {
 	old := t.written
 	t.written = nil
 	if err := t.table.Sync(rs); err != nil {
+		t.failures.Inc()
 		return true, err
 	}
 	t.written = append([]iptables.Redirect{}, rs...) // non-nil even when empty
@@ -297,14 +300,14 @@ func dedupe(ips []netip.Addr) []netip.Addr {
 // newFrontend makes the frontend for mode. For auto, creating our nat chains
 // is the probe: if the kernel or iptables cannot, bind mode is used, and one
 // log line says why.
-func newFrontend(cfg *Config, log logrus.FieldLogger, listeners *userspace.Listeners) (frontend, error) {
+func newFrontend(cfg *Config, log logrus.FieldLogger, listeners *userspace.Listeners, restoreFailures prometheus.Counter) (frontend, error) {
 	mode := cfg.Mode
 	if mode == "" {
 		mode = ModeRedirect
 	}
 	switch mode {
 	case ModeRedirect:
-		f, err := newRedirect(cfg, log, listeners)
+		f, err := newRedirect(cfg, log, listeners, restoreFailures)
 		if err != nil {
 			return nil, err
 		}
@@ -318,7 +321,7 @@ func newFrontend(cfg *Config, log logrus.FieldLogger, listeners *userspace.Liste
 		log.WithField("device", f.device.Name()).Info("Mode bind: Service addresses are local to the node; no netfilter rules")
 		return f, nil
 	case ModeAuto:
-		f, err := newRedirect(cfg, log, listeners)
+		f, err := newRedirect(cfg, log, listeners, restoreFailures)
 		if err == nil {
 			err = f.v4.table.Sync(nil) // the probe: our nat chains and jumps
 		}
@@ -337,7 +340,7 @@ func newFrontend(cfg *Config, log logrus.FieldLogger, listeners *userspace.Liste
 	}
 }
 
-func newRedirect(cfg *Config, log logrus.FieldLogger, listeners *userspace.Listeners) (*redirectFrontend, error) {
+func newRedirect(cfg *Config, log logrus.FieldLogger, listeners *userspace.Listeners, restoreFailures prometheus.Counter) (*redirectFrontend, error) {
 	backend := cfg.Backend
 	if backend == "" {
 		var err error
@@ -349,7 +352,7 @@ func newRedirect(cfg *Config, log logrus.FieldLogger, listeners *userspace.Liste
 	if err != nil {
 		return nil, err
 	}
-	f := &redirectFrontend{log: log, listeners: listeners, v4: family{log: log, table: table}}
+	f := &redirectFrontend{log: log, listeners: listeners, v4: family{log: log, table: table, failures: restoreFailures}}
 	// IPv6: only where ip6tables can NAT. Creating our chains is the
 	// probe; without it, IPv4 is served all the same.
 	table6, err := iptables.New(backend, iptables.IPv6, netip.Addr{})
@@ -360,7 +363,7 @@ func newRedirect(cfg *Config, log logrus.FieldLogger, listeners *userspace.Liste
 		log.WithError(err).Warn("ip6tables cannot NAT here: the IPv6 halves of Services are not served")
 		return f, nil
 	}
-	f.v6 = family{log: log, ipv6: true, table: table6}
+	f.v6 = family{log: log, ipv6: true, table: table6, failures: restoreFailures}
 	return f, nil
 }
 

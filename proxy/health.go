@@ -78,6 +78,14 @@ type healthMetrics struct {
 	// EndpointSlice write (its last-change-trigger-time annotation) to
 	// that change being served.
 	networkProgramming prometheus.Histogram
+	// Changes received, and not applied yet, by kind.
+	serviceChanges, endpointChanges               prometheus.Counter
+	serviceChangesPending, endpointChangesPending prometheus.Gauge
+	// noLocalEndpoints counts Services whose internalTrafficPolicy is
+	// Local and that have no endpoint on this node.
+	noLocalEndpoints *prometheus.GaugeVec
+	// restoreFailures counts failed iptables-restore runs.
+	restoreFailures prometheus.Counter
 }
 
 func newHealthMetrics(reg prometheus.Registerer) (*healthMetrics, error) {
@@ -99,13 +107,37 @@ func newHealthMetrics(reg prometheus.Registerer) (*healthMetrics, error) {
 				prometheus.LinearBuckets(60, 5, 12),     // 60s ... 115s
 				prometheus.LinearBuckets(120, 30, 7),    // 2min ... 5min
 			)}),
+		serviceChanges: prometheus.NewCounter(prometheus.CounterOpts{Subsystem: "kubeproxy", Name: "sync_proxy_rules_service_changes_total",
+			Help: "Cumulative proxy rules Service changes"}),
+		endpointChanges: prometheus.NewCounter(prometheus.CounterOpts{Subsystem: "kubeproxy", Name: "sync_proxy_rules_endpoint_changes_total",
+			Help: "Cumulative proxy rules Endpoint changes"}),
+		serviceChangesPending: prometheus.NewGauge(prometheus.GaugeOpts{Subsystem: "kubeproxy", Name: "sync_proxy_rules_service_changes_pending",
+			Help: "Pending proxy rules Service changes"}),
+		endpointChangesPending: prometheus.NewGauge(prometheus.GaugeOpts{Subsystem: "kubeproxy", Name: "sync_proxy_rules_endpoint_changes_pending",
+			Help: "Pending proxy rules Endpoint changes"}),
+		noLocalEndpoints: prometheus.NewGaugeVec(prometheus.GaugeOpts{Subsystem: "kubeproxy", Name: "sync_proxy_rules_no_local_endpoints_total",
+			Help: "Number of services with a Local traffic policy and no endpoints"}, []string{"traffic_policy"}),
+		restoreFailures: prometheus.NewCounter(prometheus.CounterOpts{Subsystem: "kubeproxy", Name: "sync_proxy_rules_iptables_restore_failures_total",
+			Help: "Cumulative proxy iptables restore failures"}),
 	}
-	for _, c := range []prometheus.Collector{m.healthz, m.livez, m.syncDuration, m.lastSync, m.lastQueued, m.networkProgramming} {
+	for _, c := range []prometheus.Collector{m.healthz, m.livez, m.syncDuration, m.lastSync, m.lastQueued, m.networkProgramming,
+		m.serviceChanges, m.endpointChanges, m.serviceChangesPending, m.endpointChangesPending, m.noLocalEndpoints, m.restoreFailures} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}
 	}
 	return m, nil
+}
+
+// changed counts n Service or EndpointSlice changes, received and pending.
+func (m *healthMetrics) changed(service bool, n int) {
+	if service {
+		m.serviceChanges.Add(float64(n))
+		m.serviceChangesPending.Add(float64(n))
+	} else {
+		m.endpointChanges.Add(float64(n))
+		m.endpointChangesPending.Add(float64(n))
+	}
 }
 
 // serveHealth serves /healthz and /livez on addr until ctx is done, with

@@ -151,7 +151,7 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	defer listeners.Close()
-	front, err := newFrontend(&cfg, log, listeners)
+	front, err := newFrontend(&cfg, log, listeners, hm.restoreFailures)
 	if err != nil {
 		return err
 	}
@@ -180,7 +180,8 @@ func Run(ctx context.Context, cfg Config) error {
 	publish := func(u watch.Update) {
 		hl.queued()
 		hm.lastQueued.SetToCurrentTime()
-		offer(snaps, change{snap: p.build(u.Services, u.EndpointSlices, cfg.NodeName), triggers: u.Triggers})
+		offer(snaps, change{snap: p.build(u.Services, u.EndpointSlices, cfg.NodeName), triggers: u.Triggers,
+			serviceChanges: u.ServiceChanges, endpointChanges: u.EndpointSliceChanges})
 	}
 	g.Go(func() error {
 		if cfg.Manifests == "" {
@@ -191,6 +192,7 @@ func Run(ctx context.Context, cfg Config) error {
 				MinSyncPeriod:    cfg.MinSyncPeriod,
 				NodeName:         cfg.NodeName,
 				NodeEligible:     hl.setNodeEligible,
+				Changed:          hm.changed,
 				Log:              log,
 			}, publish)
 		}
@@ -234,6 +236,8 @@ func Run(ctx context.Context, cfg Config) error {
 type change struct {
 	snap     service.Snapshot
 	triggers []time.Time
+	// The object changes it applies, for the *_changes_pending metrics.
+	serviceChanges, endpointChanges int
 }
 
 // offer hands c to the apply loop, replacing a change the loop has not
@@ -243,6 +247,8 @@ func offer(ch chan change, c change) {
 	select {
 	case old := <-ch:
 		c.triggers = append(old.triggers, c.triggers...)
+		c.serviceChanges += old.serviceChanges
+		c.endpointChanges += old.endpointChanges
 	default:
 	}
 	ch <- c
@@ -296,8 +302,10 @@ type proxier struct {
 	metrics   *healthMetrics
 	current   service.Snapshot
 	bound     map[service.Key][]netip.AddrPort
-	// triggers are the trigger times of changes not applied yet.
-	triggers []time.Time
+	// triggers are the trigger times of changes not applied yet, and
+	// pending counts those changes.
+	triggers                       []time.Time
+	pendingServices, pendingSlices int
 }
 
 // build makes the Snapshot for Services and EndpointSlices, from either
@@ -324,6 +332,8 @@ func (p *proxier) loop(ctx context.Context, changes <-chan change, period time.D
 			return
 		case c := <-changes:
 			p.triggers = append(p.triggers, c.triggers...)
+			p.pendingServices += c.serviceChanges
+			p.pendingSlices += c.endpointChanges
 			p.apply(c.snap, false)
 			synced = true
 		case <-tick.C:
@@ -371,8 +381,25 @@ func (p *proxier) apply(s service.Snapshot, full bool) {
 		p.metrics.networkProgramming.Observe(time.Since(t).Seconds())
 	}
 	p.triggers = nil
+	p.metrics.serviceChangesPending.Sub(float64(p.pendingServices))
+	p.metrics.endpointChangesPending.Sub(float64(p.pendingSlices))
+	p.pendingServices, p.pendingSlices = 0, 0
+	p.metrics.noLocalEndpoints.WithLabelValues("internal").Set(float64(noLocalEndpoints(s)))
 	p.log.WithFields(logrus.Fields{"servicePorts": len(s.Ports), "rulesWritten": wrote, "duration": time.Since(start).Round(time.Microsecond),
 		"listenersDuration": opened.Sub(start).Round(time.Microsecond), "pointDuration": pointed.Sub(opened).Round(time.Microsecond)}).Debug("Synced")
+}
+
+// noLocalEndpoints counts the Services of s whose internalTrafficPolicy is
+// Local and that have no endpoint on this node (their clients on this node
+// are refused, by design).
+func noLocalEndpoints(s service.Snapshot) int {
+	empty := map[[2]string]bool{}
+	for i := range s.Ports {
+		if p := &s.Ports[i]; p.InternalLocal && len(p.Endpoints) == 0 {
+			empty[[2]string{p.Name.Namespace, p.Name.Name}] = true
+		}
+	}
+	return len(empty)
 }
 
 // logChanges logs one line per service port added, changed or removed.

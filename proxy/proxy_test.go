@@ -71,3 +71,24 @@ func TestRedirectsDualStack(t *testing.T) {
 		}
 	}
 }
+
+// TestNoLocalEndpoints counts Services, not ports, with a Local internal
+// policy and nothing on this node.
+func TestNoLocalEndpoints(t *testing.T) {
+	port := func(name, port string, local bool, eps ...netip.AddrPort) service.Port {
+		return service.Port{Name: service.PortName{Namespace: "default", Name: name, Port: port}, Protocol: service.TCP,
+			ClusterIP: netip.MustParseAddr("10.96.0.10"), InternalLocal: local, Endpoints: eps}
+	}
+	ep := netip.MustParseAddrPort("10.244.1.2:80")
+	s, err := service.NewSnapshot([]service.Port{
+		port("a", "http", true), port("a", "https", true), // one Service, two ports
+		port("b", "http", true, ep), // has a local endpoint
+		port("c", "http", false),    // Cluster policy: not counted
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := noLocalEndpoints(s); n != 1 {
+		t.Errorf("noLocalEndpoints = %d, want 1", n)
+	}
+}

@@ -124,6 +124,9 @@ type Port struct {
 	LoadBalancerIPs []netip.Addr
 
 	Affinity Affinity
+	// InternalLocal is internalTrafficPolicy Local: Endpoints hold only
+	// this node's.
+	InternalLocal bool
 
 	// Endpoints are the pod addresses (pod IP and targetPort) chosen for
 	// traffic, sorted. Empty means connections are refused.

@@ -84,6 +84,7 @@ func Build(services []*v1.Service, endpointSlices []*discovery.EndpointSlice, no
 					ExternalIPs:     parseIPs(svc.Spec.ExternalIPs, ipv6),
 					LoadBalancerIPs: ingressIPs(svc, ipv6),
 					Affinity:        affinity(svc),
+					InternalLocal:   local,
 					Endpoints:       endpoints(bySvc[[2]string{svc.Namespace, svc.Name}], sp.Name, proto, ipv6, local, nodeName),
 				})
 			}

@@ -2,6 +2,7 @@ package watch
 
 import (
 	"sync"
+	"sync/atomic"
 	"time"
 
 	v1 "k8s.io/api/core/v1"
@@ -18,6 +19,11 @@ type store[T metav1.Object] struct {
 	// triggers, when set, collects the last-change-trigger-time of every
 	// object whose annotation changed.
 	triggers *triggers
+	// counted, when set, is told of every object change (an object added,
+	// updated or deleted) as it happens; untaken holds the changes since
+	// the last takeChanges.
+	counted func(n int)
+	untaken atomic.Int64
 
 	mu     sync.Mutex
 	byKey  map[string]T
@@ -56,32 +62,61 @@ func (s *store[T]) put(obj any) {
 // Add, Update, Delete, Replace and Resync make store a
 // cache.ReflectorStore.
 
-func (s *store[T]) Add(obj any) error    { return s.Update(obj) }
-func (s *store[T]) Update(obj any) error { s.locked(func() { s.put(obj) }); return nil }
+func (s *store[T]) Add(obj any) error { return s.Update(obj) }
+func (s *store[T]) Update(obj any) error {
+	s.locked(func() { s.put(obj) })
+	s.count(1)
+	return nil
+}
 
 func (s *store[T]) Delete(obj any) error {
 	if o, ok := obj.(T); ok {
 		s.locked(func() { delete(s.byKey, key(o)) })
+		s.count(1)
 	}
 	return nil
 }
 
+func (s *store[T]) count(n int) {
+	if n == 0 {
+		return
+	}
+	s.untaken.Add(int64(n))
+	if s.counted != nil {
+		s.counted(n)
+	}
+}
+
+// takeChanges returns the number of object changes since the last call.
+func (s *store[T]) takeChanges() int { return int(s.untaken.Swap(0)) }
+
 // Replace takes a whole new list: the first one, or a relist after a watch
 // could not resume.
 func (s *store[T]) Replace(objs []any, _ string) error {
+	changes := 0
 	s.locked(func() {
 		old := s.byKey
 		s.byKey = make(map[string]T, len(objs))
 		for _, obj := range objs {
 			if o, ok := obj.(T); ok {
-				if prev, had := old[key(o)]; had {
+				prev, had := old[key(o)]
+				if had {
 					s.byKey[key(o)] = prev // so that put compares with it
+				}
+				if !had || prev.GetResourceVersion() != o.GetResourceVersion() {
+					changes++
 				}
 				s.put(obj)
 			}
 		}
+		for k := range old {
+			if _, kept := s.byKey[k]; !kept {
+				changes++ // deleted while we were not watching
+			}
+		}
 		s.synced = true
 	})
+	s.count(changes)
 	return nil
 }
 

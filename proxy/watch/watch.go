@@ -88,13 +88,20 @@ type Config struct {
 	// /healthz rule, KEP-3836).
 	NodeName     string
 	NodeEligible func(bool)
-	Log          logrus.FieldLogger
+	// Changed, when set, is told of every Service or EndpointSlice change
+	// as it arrives, before it is applied (kube-proxy's *_changes_total
+	// and *_changes_pending metrics).
+	Changed func(service bool, n int)
+	Log     logrus.FieldLogger
 }
 
 // Update is the whole watched state at one moment.
 type Update struct {
 	Services       []*v1.Service
 	EndpointSlices []*discovery.EndpointSlice
+	// ServiceChanges and EndpointSliceChanges count the object changes
+	// since the previous Update: what this Update applies.
+	ServiceChanges, EndpointSliceChanges int
 	// Triggers are the last-change-trigger-time annotations of the slices
 	// that changed since the previous Update: when the change that led to
 	// each slice write happened (a pod became ready, say). The time from
@@ -157,6 +164,10 @@ func Run(ctx context.Context, cfg Config, apply func(Update)) error {
 	// reason; the snapshot ignores those of Services it does not proxy.
 	slices := newStore[*discovery.EndpointSlice](nudge)
 	slices.triggers = &triggers{since: time.Now()}
+	if cfg.Changed != nil {
+		services.counted = func(n int) { cfg.Changed(true, n) }
+		slices.counted = func(n int) { cfg.Changed(false, n) }
+	}
 
 	ctx, cancel := context.WithCancel(ctx)
 	var wg sync.WaitGroup
@@ -210,7 +221,10 @@ func Run(ctx context.Context, cfg Config, apply func(Update)) error {
 	changes := ratelimit.New(2, endpointMinSync, time.Now())
 	rules := ratelimit.New(2, minSync, time.Now())
 	for {
-		apply(Update{Services: services.list(), EndpointSlices: slices.list(), Triggers: slices.triggers.take()})
+		// Counts first: every change counted is then in the lists.
+		u := Update{ServiceChanges: services.takeChanges(), EndpointSliceChanges: slices.takeChanges(), Triggers: slices.triggers.take()}
+		u.Services, u.EndpointSlices = services.list(), slices.list()
+		apply(u)
 		select {
 		case <-ctx.Done():
 			return nil

@@ -48,3 +48,28 @@ func TestStoreTriggers(t *testing.T) {
 		t.Errorf("synced %v, %d objects; want true, 2", s.hasSynced(), len(s.list()))
 	}
 }
+
+// TestStoreCountsChanges: every object added, updated or deleted counts
+// once, as it happens and until taken; a relist counts only what differs.
+func TestStoreCountsChanges(t *testing.T) {
+	told := 0
+	s := newStore[*v1.Service](func() {})
+	s.counted = func(n int) { told += n }
+	svc := func(name, rv string) *v1.Service {
+		return &v1.Service{ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: name, ResourceVersion: rv}}
+	}
+	s.Replace([]any{svc("a", "1"), svc("b", "1")}, "1") // 2
+	s.Update(svc("a", "2"))                             // 1
+	s.Delete(svc("b", "1"))                             // 1
+	if got := s.takeChanges(); got != 4 || told != 4 {
+		t.Errorf("after a list, an update and a delete: %d taken, %d told; want 4, 4", got, told)
+	}
+	// A relist after a gap: a unchanged, c new, nothing else.
+	s.Replace([]any{svc("a", "2"), svc("c", "1")}, "3")
+	if got := s.takeChanges(); got != 1 || told != 5 {
+		t.Errorf("after a relist: %d taken, %d told; want 1, 5", got, told)
+	}
+	if got := s.takeChanges(); got != 0 {
+		t.Errorf("taken twice: %d; want 0 the second time", got)
+	}
+}
