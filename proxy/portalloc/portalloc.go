@@ -60,7 +60,17 @@ func (r *Range) String() string {
 // skipped, so a busy host port never stops a Service from being proxied.
 func (r *Range) Allocate(open func(port int) (int, error)) (int, error) {
 	if r == nil {
-		return open(0)
+		// The kernel picks a port on every try. A caller that binds a
+		// second socket on the port it got (the DNS stub: UDP, then TCP)
+		// can find that one taken; a few more tries get other ports.
+		var err error
+		for range kernelTries {
+			var got int
+			if got, err = open(0); err == nil {
+				return got, nil
+			}
+		}
+		return 0, err
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -84,6 +94,9 @@ func (r *Range) Allocate(open func(port int) (int, error)) (int, error) {
 	}
 	return 0, fmt.Errorf("%w %s", ErrExhausted, r)
 }
+
+// kernelTries is how often a nil Range asks the kernel for a port.
+const kernelTries = 8
 
 // Release gives port back to the range. Releasing a port that the range did
 // not hand out, or a nil range, does nothing.

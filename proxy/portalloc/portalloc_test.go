@@ -148,3 +148,27 @@ func TestEphemeralIsTheKernelsRange(t *testing.T) {
 		t.Errorf("Ephemeral() = %s, want the kernel's %s", got, want)
 	}
 }
+
+// TestKernelChosenRetries: with no range, a failed open is tried again
+// (the kernel picks another port each time), a few times, not forever.
+func TestKernelChosenRetries(t *testing.T) {
+	var r *Range
+	calls := 0
+	got, err := r.Allocate(func(port int) (int, error) {
+		calls++
+		if port != 0 {
+			t.Errorf("open(%d); want 0, the kernel's choice", port)
+		}
+		if calls < 3 {
+			return 0, errors.New("the second socket's port is taken")
+		}
+		return 40000 + calls, nil
+	})
+	if err != nil || got != 40003 || calls != 3 {
+		t.Errorf("Allocate = %d, %v after %d calls; want 40003 after 3", got, err, calls)
+	}
+	calls = 0
+	if _, err := r.Allocate(func(int) (int, error) { calls++; return 0, errors.New("always taken") }); err == nil || calls != kernelTries {
+		t.Errorf("always failing: %v after %d calls; want an error after %d", err, calls, kernelTries)
+	}
+}
