@@ -188,6 +188,7 @@ func Run(ctx context.Context, cfg Config) error {
 			return watch.Run(ctx, watch.Config{
 				Client:           cfg.Kubernetes,
 				ServiceProxyName: cfg.ServiceProxyName,
+				Headless:         stub != nil,
 				ResyncPeriod:     cfg.ConfigSyncPeriod,
 				MinSyncPeriod:    cfg.MinSyncPeriod,
 				NodeName:         cfg.NodeName,

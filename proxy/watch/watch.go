@@ -66,6 +66,9 @@ type Config struct {
 	// service.kubernetes.io/service-proxy-name=<it>; empty selects the
 	// Services without that label, as kube-proxy does.
 	ServiceProxyName string
+	// Headless also watches the EndpointSlices of headless Services,
+	// which only DNS uses.
+	Headless bool
 	// ResyncPeriod is how often everything is handed on again even
 	// without a change (--config-sync-period, the informers' resync in
 	// kube-proxy). Zero means 15m, kube-proxy's default.
@@ -160,9 +163,15 @@ func Run(ctx context.Context, cfg Config, apply func(Update)) error {
 	// skips them) because the DNS stub answers for them.
 	var servicesChanged atomic.Bool
 	services := newStore[*v1.Service](func() { servicesChanged.Store(true); nudge() })
-	// EndpointSlices: all of them, headless ones included, for the same
-	// reason; the snapshot ignores those of Services it does not proxy.
+	// EndpointSlices: kube-proxy leaves out those of headless Services
+	// (labelled service.kubernetes.io/headless), which it never proxies;
+	// the DNS stub needs them, so they are watched too when Headless is
+	// set. The snapshot ignores slices of Services it does not proxy.
 	slices := newStore[*discovery.EndpointSlice](nudge)
+	sliceSelector := "!" + v1.IsHeadlessService
+	if cfg.Headless {
+		sliceSelector = ""
+	}
 	slices.triggers = &triggers{since: time.Now()}
 	if cfg.Changed != nil {
 		services.counted = func(n int) { cfg.Changed(true, n) }
@@ -184,7 +193,8 @@ func Run(ctx context.Context, cfg Config, apply func(Update)) error {
 	run(listWatch(func(o *metav1.ListOptions) { o.LabelSelector = selector },
 		core.Services(metav1.NamespaceAll).List, core.Services(metav1.NamespaceAll).Watch),
 		&v1.Service{}, services)
-	run(listWatch(nil, disc.EndpointSlices(metav1.NamespaceAll).List, disc.EndpointSlices(metav1.NamespaceAll).Watch),
+	run(listWatch(func(o *metav1.ListOptions) { o.LabelSelector = sliceSelector },
+		disc.EndpointSlices(metav1.NamespaceAll).List, disc.EndpointSlices(metav1.NamespaceAll).Watch),
 		&discovery.EndpointSlice{}, slices)
 	if cfg.NodeName != "" && cfg.NodeEligible != nil {
 		// One Node: ours. Its store reports on every change; a Node not
