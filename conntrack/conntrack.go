@@ -48,40 +48,52 @@ func ClearStale(ipv6 bool, current, removed []Mapping) (uint, error) {
 	if ipv6 {
 		family = netlink.FAMILY_V6
 	}
-	n, err := netlink.ConntrackDeleteFilters(netlink.ConntrackTable, netlink.InetFamily(family), stale{current, removed})
+	n, err := netlink.ConntrackDeleteFilters(netlink.ConntrackTable, netlink.InetFamily(family), newStale(current, removed))
 	if err != nil {
 		return n, fmt.Errorf("delete stale UDP conntrack entries: %w", err)
 	}
 	return n, nil
 }
 
-// stale matches the entries ClearStale deletes.
-type stale struct{ current, removed []Mapping }
+// stale matches the entries ClearStale deletes. The kernel's table can hold
+// hundreds of thousands of flows and a node thousands of UDP rules, so
+// each flow is looked up in maps, not compared with every mapping.
+type stale struct {
+	listener map[netip.AddrPort]uint16 // current ClusterIP-like frontends
+	nodePort map[uint16]uint16         // current NodePorts
+	removed  map[Mapping]bool
+}
 
-func (s stale) MatchConntrackFlow(f *netlink.ConntrackFlow) bool {
+func newStale(current, removed []Mapping) *stale {
+	s := &stale{listener: map[netip.AddrPort]uint16{}, nodePort: map[uint16]uint16{}, removed: map[Mapping]bool{}}
+	for _, m := range current {
+		if m.IP.IsValid() {
+			s.listener[netip.AddrPortFrom(m.IP, m.Port)] = m.Listener
+		} else {
+			s.nodePort[m.Port] = m.Listener
+		}
+	}
+	for _, m := range removed {
+		s.removed[m] = true
+	}
+	return s
+}
+
+func (s *stale) MatchConntrackFlow(f *netlink.ConntrackFlow) bool {
 	if f.Forward.Protocol != unix.IPPROTO_UDP {
 		return false
 	}
 	dst, _ := netip.AddrFromSlice(f.Forward.DstIP)
 	dst = dst.Unmap()
+	port := f.Forward.DstPort
 	// Where the flow's replies come from: our listener's port if a rule
 	// of ours redirected it, the original port if nothing NATed it.
 	to := f.Reverse.SrcPort
-	for _, m := range s.current {
-		if f.Forward.DstPort != m.Port || to == m.Listener {
-			continue
-		}
-		if m.IP.IsValid() && dst == m.IP {
-			return true // a ClusterIP (or external, LB) flow not on our listener
-		}
-		if !m.IP.IsValid() && to != m.Port {
-			return true // a NodePort flow NATed to a port that is no longer ours
-		}
+	if l, ok := s.listener[netip.AddrPortFrom(dst, port)]; ok && to != l {
+		return true // a ClusterIP (or external, LB) flow not on our listener
 	}
-	for _, m := range s.removed {
-		if f.Forward.DstPort == m.Port && to == m.Listener && (!m.IP.IsValid() || dst == m.IP) {
-			return true
-		}
+	if l, ok := s.nodePort[port]; ok && to != l && to != port {
+		return true // a NodePort flow NATed to a port that is no longer ours
 	}
-	return false
+	return s.removed[Mapping{IP: dst, Port: port, Listener: to}] || s.removed[Mapping{Port: port, Listener: to}]
 }

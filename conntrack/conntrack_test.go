@@ -115,5 +115,28 @@ func TestClearStale(t *testing.T) {
 		if f := flows(t); f[flowB] {
 			t.Errorf("after the removal conntrack still has %s: %v", flowB, f)
 		}
+
+		// A NodePort flow (any local address), then its listener changes.
+		run(t, "iptables", "-t", "nat", "-A", "OUTPUT", "-p", "udp", "--dport", "30053", "-m", "addrtype", "--dst-type", "LOCAL", "-j", "REDIRECT", "--to-ports", strconv.Itoa(int(a)))
+		conn, err := net.Dial("udp", "127.0.0.1:30053")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		conn.Write([]byte("x"))
+		select {
+		case <-gotA:
+		case <-time.After(2 * time.Second):
+			t.Fatal("no datagram reached the NodePort's listener")
+		}
+		flowN := "127.0.0.1:30053->" + strconv.Itoa(int(a))
+		nodePort := []Mapping{{Port: 30053, Listener: a}}
+		if n, err := ClearStale(false, nodePort, nil); err != nil || n != 0 || !flows(t)[flowN] {
+			t.Errorf("ClearStale with the NodePort unchanged deleted %d, %v; want 0 and %s kept", n, err, flowN)
+		}
+		nodePort[0].Listener = a + 1
+		if n, err := ClearStale(false, nodePort, nil); err != nil || n != 1 || flows(t)[flowN] {
+			t.Errorf("ClearStale after the NodePort's listener changed deleted %d, %v; want 1 and %s gone", n, err, flowN)
+		}
 	})
 }
