@@ -79,11 +79,27 @@ func (b *Balancer) Update(endpoints []netip.AddrPort, affinity service.Affinity)
 }
 
 // Choice is the order in which one new connection tries endpoints: first the
-// endpoint the balancer picked, then the ones after it in the list, wrapping
-// around. It is a value: later Updates do not change it.
+// endpoint the balancer picked, then every other one once, in list order
+// from a random one of them, and then round again. The random start spreads
+// a dead endpoint's share over all the others: walking on from the dead one
+// would hand its whole share to its neighbour in the list, which would then
+// get twice the traffic of the rest. It is a value: later Updates do not
+// change it.
 type Choice struct {
 	endpoints []netip.AddrPort
 	first     int
+	// skip is where the failover order starts among the others: the
+	// first retry goes to endpoints[first+skip].
+	skip int
+}
+
+// newChoice makes the Choice that starts at endpoints[first].
+func newChoice(endpoints []netip.AddrPort, first int) Choice {
+	c := Choice{endpoints: endpoints, first: first, skip: 1}
+	if n := len(endpoints); n > 2 {
+		c.skip = 1 + rand.IntN(n-1)
+	}
+	return c
 }
 
 // Len is the number of distinct endpoints in c; zero means there is none.
@@ -91,7 +107,15 @@ func (c Choice) Len() int { return len(c.endpoints) }
 
 // Endpoint is the endpoint for the given attempt (0 is the first try).
 func (c Choice) Endpoint(attempt int) netip.AddrPort {
-	return c.endpoints[(c.first+attempt)%len(c.endpoints)]
+	n := len(c.endpoints)
+	k := attempt % n
+	if k == 0 {
+		return c.endpoints[c.first]
+	}
+	// The others are first+1 ... first+n-1 (mod n); the k-th retry takes
+	// the one skip-1+k-1 places into that ring.
+	other := (c.skip - 1 + k - 1) % (n - 1)
+	return c.endpoints[(c.first+1+other)%n]
 }
 
 // Pick chooses the endpoint for a new connection from client. With ClientIP
@@ -110,7 +134,7 @@ func (b *Balancer) Pick(client netip.Addr) Choice {
 			p.lastUsed = now
 			b.pins[client] = p
 			i, _ := slices.BinarySearchFunc(eps, p.endpoint, netip.AddrPort.Compare)
-			return Choice{endpoints: eps, first: i}
+			return newChoice(eps, i)
 		}
 	}
 	i := b.next
@@ -118,7 +142,7 @@ func (b *Balancer) Pick(client netip.Addr) Choice {
 	if b.affinity.ClientIP {
 		b.pinLocked(client, eps[i], now)
 	}
-	return Choice{endpoints: eps, first: i}
+	return newChoice(eps, i)
 }
 
 // Connected tells the balancer that the connection from client reached

@@ -82,21 +82,47 @@ func TestSameEndpointsInAnotherOrderKeepPosition(t *testing.T) {
 	}
 }
 
-func TestFailoverOrderWalksTheList(t *testing.T) {
+func TestFailoverTriesEveryEndpointOnce(t *testing.T) {
 	bal, _ := newBalancer()
 	bal.Update([]netip.AddrPort{a, b, c}, service.Affinity{})
-	ch := bal.Pick(client1)
-	got := []netip.AddrPort{ch.Endpoint(0), ch.Endpoint(1), ch.Endpoint(2), ch.Endpoint(3)}
-	next := map[netip.AddrPort]netip.AddrPort{a: b, b: c, c: a}
-	for i := 1; i < len(got); i++ {
-		if got[i] != next[got[i-1]] {
-			t.Fatalf("attempt order = %v; want the next endpoint after each failure, wrapping", got)
+	for range 50 {
+		ch := bal.Pick(client1)
+		// Every endpoint once in the first three attempts, then round
+		// again from the picked one.
+		seen := map[netip.AddrPort]bool{}
+		for attempt := range 3 {
+			seen[ch.Endpoint(attempt)] = true
+		}
+		if len(seen) != 3 || ch.Endpoint(3) != ch.Endpoint(0) || ch.Endpoint(4) != ch.Endpoint(1) {
+			t.Fatalf("attempts %v %v %v %v %v; want each endpoint once, then the same order again",
+				ch.Endpoint(0), ch.Endpoint(1), ch.Endpoint(2), ch.Endpoint(3), ch.Endpoint(4))
 		}
 	}
 	// A later update does not change a choice already made.
+	ch := bal.Pick(client1)
 	bal.Update([]netip.AddrPort{a}, service.Affinity{})
 	if ch.Len() != 3 {
 		t.Errorf("Choice.Len() after an update = %d, want 3", ch.Len())
+	}
+}
+
+// TestFailoverSpreadsADeadEndpointsShare: connections whose first try is a
+// dead endpoint go on to all the others alike, not all to its neighbour.
+func TestFailoverSpreadsADeadEndpointsShare(t *testing.T) {
+	d := netip.MustParseAddrPort("10.244.4.2:8080")
+	bal, _ := newBalancer()
+	bal.Update([]netip.AddrPort{a, b, c, d}, service.Affinity{})
+	second := map[netip.AddrPort]int{}
+	for range 4000 {
+		if ch := bal.Pick(client1); ch.Endpoint(0) == a { // a is dead
+			second[ch.Endpoint(1)]++
+		}
+	}
+	for _, ep := range []netip.AddrPort{b, c, d} {
+		if second[ep] < 250 { // 333 expected of 1000
+			t.Errorf("retries after the dead endpoint: %v; want about a third each for %v, %v, %v", second, b, c, d)
+			break
+		}
 	}
 }
 
