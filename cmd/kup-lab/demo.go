@@ -206,7 +206,7 @@ func (d *demo) run(ctx context.Context) (err error) {
 
 	say("web-3's server dies; the manifest still calls it ready (the kubelet has not noticed yet)")
 	web3.Signal(syscall.SIGKILL)
-	show("the proxy's dial to web-3 is refused, so each such connection moves on to the next endpoint:")
+	show("the proxy's dial to web-3 is refused, so each such connection moves on to another endpoint (the live ones share its part):")
 	if err := d.tally(ctx, &client.NS, url, 30); err != nil {
 		return err
 	}
