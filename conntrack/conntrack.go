@@ -1,4 +1,4 @@
-// Package conntrack forgets UDP flows that our rules no longer describe.
+// Package conntrack forgets flows that our rules no longer describe.
 //
 // The kernel's connection tracking decides a flow's NAT once, on its first
 // packet, and keeps the decision for as long as packets keep coming (for
@@ -11,12 +11,18 @@
 //   - nowhere near us at all, if it started before our rule existed (its
 //     datagrams are routed towards the ClusterIP as to any address).
 //
-// TCP does not need this: a new connection is a new flow. So after every
-// change to our UDP rules, the entries that lead elsewhere than the rules
-// now say are deleted, and the client's next datagram is NATed afresh.
-// Upstream's legacy proxier ran `conntrack -D --orig-dst IP -p udp` for a
-// removed ClusterIP; this also covers external, load-balancer and NodePort
-// addresses, changed listener ports, and restarts.
+// TCP has the second case only while connecting: a SYN sent just before
+// our rule existed is retransmitted on the same flow, which keeps its
+// first decision, so the connect hangs until the client gives up (two
+// minutes with Linux's defaults). Established TCP connections are never
+// touched: a new connection is a new flow.
+//
+// So after every change to our rules, the UDP entries and the connecting
+// TCP entries that lead elsewhere than the rules now say are deleted, and
+// the client's next packet is NATed afresh. Upstream's legacy proxier ran
+// `conntrack -D --orig-dst IP -p udp` for a removed ClusterIP; this also
+// covers external, load-balancer and NodePort addresses, changed listener
+// ports, restarts and SYNs in flight.
 package conntrack
 
 import (
@@ -24,22 +30,25 @@ import (
 	"net/netip"
 
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
 	"golang.org/x/sys/unix"
 )
 
-// Mapping is one UDP rule of ours: datagrams to IP:Port are sent to our
-// listener port Listener. An invalid IP is a NodePort: any local address.
+// Mapping is one rule of ours: packets to IP:Port (UDP, or TCP when TCP is
+// set) are sent to our listener port Listener. An invalid IP is a
+// NodePort: any local address.
 type Mapping struct {
+	TCP      bool
 	IP       netip.Addr
 	Port     uint16
 	Listener uint16
 }
 
-// ClearStale deletes the UDP conntrack entries of family (IPv6 when ipv6)
-// that no longer match our rules: entries for an address of current that
-// were NATed to another port than its listener (or not at all), and
-// entries that a removed mapping NATed to its listener. It returns how many
-// entries were deleted.
+// ClearStale deletes the conntrack entries of family (IPv6 when ipv6) that
+// no longer match our rules: UDP and connecting TCP entries for an address
+// of current that were NATed to another port than its listener (or not at
+// all), and UDP entries that a removed mapping NATed to its listener. It
+// returns how many entries were deleted.
 func ClearStale(ipv6 bool, current, removed []Mapping) (uint, error) {
 	if len(current) == 0 && len(removed) == 0 {
 		return 0, nil
@@ -50,37 +59,54 @@ func ClearStale(ipv6 bool, current, removed []Mapping) (uint, error) {
 	}
 	n, err := netlink.ConntrackDeleteFilters(netlink.ConntrackTable, netlink.InetFamily(family), newStale(current, removed))
 	if err != nil {
-		return n, fmt.Errorf("delete stale UDP conntrack entries: %w", err)
+		return n, fmt.Errorf("delete stale conntrack entries: %w", err)
 	}
 	return n, nil
 }
 
 // stale matches the entries ClearStale deletes. The kernel's table can hold
-// hundreds of thousands of flows and a node thousands of UDP rules, so
-// each flow is looked up in maps, not compared with every mapping.
+// hundreds of thousands of flows and a node thousands of rules, so each
+// flow is looked up in maps, not compared with every mapping.
 type stale struct {
-	listener map[netip.AddrPort]uint16 // current ClusterIP-like frontends
-	nodePort map[uint16]uint16         // current NodePorts
-	removed  map[Mapping]bool
+	listener map[frontend]uint16 // current ClusterIP-like frontends
+	nodePort map[frontend]uint16 // current NodePorts (no address)
+	removed  map[Mapping]bool    // UDP only
+}
+
+type frontend struct {
+	tcp  bool
+	addr netip.AddrPort
 }
 
 func newStale(current, removed []Mapping) *stale {
-	s := &stale{listener: map[netip.AddrPort]uint16{}, nodePort: map[uint16]uint16{}, removed: map[Mapping]bool{}}
+	s := &stale{listener: map[frontend]uint16{}, nodePort: map[frontend]uint16{}, removed: map[Mapping]bool{}}
 	for _, m := range current {
 		if m.IP.IsValid() {
-			s.listener[netip.AddrPortFrom(m.IP, m.Port)] = m.Listener
+			s.listener[frontend{m.TCP, netip.AddrPortFrom(m.IP, m.Port)}] = m.Listener
 		} else {
-			s.nodePort[m.Port] = m.Listener
+			s.nodePort[frontend{m.TCP, netip.AddrPortFrom(netip.Addr{}, m.Port)}] = m.Listener
 		}
 	}
 	for _, m := range removed {
-		s.removed[m] = true
+		if !m.TCP {
+			s.removed[m] = true
+		}
 	}
 	return s
 }
 
 func (s *stale) MatchConntrackFlow(f *netlink.ConntrackFlow) bool {
-	if f.Forward.Protocol != unix.IPPROTO_UDP {
+	var tcp bool
+	switch f.Forward.Protocol {
+	case unix.IPPROTO_UDP:
+	case unix.IPPROTO_TCP:
+		// Only connections still connecting; see the package comment.
+		info, ok := f.ProtoInfo.(*netlink.ProtoInfoTCP)
+		if !ok || info.State != nl.TCP_CONNTRACK_SYN_SENT {
+			return false
+		}
+		tcp = true
+	default:
 		return false
 	}
 	dst, _ := netip.AddrFromSlice(f.Forward.DstIP)
@@ -89,11 +115,11 @@ func (s *stale) MatchConntrackFlow(f *netlink.ConntrackFlow) bool {
 	// Where the flow's replies come from: our listener's port if a rule
 	// of ours redirected it, the original port if nothing NATed it.
 	to := f.Reverse.SrcPort
-	if l, ok := s.listener[netip.AddrPortFrom(dst, port)]; ok && to != l {
+	if l, ok := s.listener[frontend{tcp, netip.AddrPortFrom(dst, port)}]; ok && to != l {
 		return true // a ClusterIP (or external, LB) flow not on our listener
 	}
-	if l, ok := s.nodePort[port]; ok && to != l && to != port {
+	if l, ok := s.nodePort[frontend{tcp, netip.AddrPortFrom(netip.Addr{}, port)}]; ok && to != l && to != port {
 		return true // a NodePort flow NATed to a port that is no longer ours
 	}
-	return s.removed[Mapping{IP: dst, Port: port, Listener: to}] || s.removed[Mapping{Port: port, Listener: to}]
+	return !tcp && (s.removed[Mapping{IP: dst, Port: port, Listener: to}] || s.removed[Mapping{Port: port, Listener: to}])
 }

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/internal/netnstest"
 )
@@ -137,6 +138,62 @@ func TestClearStale(t *testing.T) {
 		nodePort[0].Listener = a + 1
 		if n, err := ClearStale(false, nodePort, nil); err != nil || n != 1 || flows(t)[flowN] {
 			t.Errorf("ClearStale after the NodePort's listener changed deleted %d, %v; want 1 and %s gone", n, err, flowN)
+		}
+	})
+}
+
+// TestClearStaleConnectingTCP: a connect whose first SYN left before our
+// rule existed completes on its next retransmit once the entry is cleared;
+// an established connection is never cleared.
+func TestClearStaleConnectingTCP(t *testing.T) {
+	netnstest.Run(t, func() {
+		// Service IPs are routed to a neighbour that never answers, and
+		// the nat table is in use, as on any node.
+		run(t, "ip", "link", "add", "v0", "type", "veth", "peer", "name", "v1")
+		run(t, "ip", "addr", "add", "10.1.0.1/24", "dev", "v0")
+		run(t, "ip", "link", "set", "v0", "up")
+		run(t, "ip", "link", "set", "v1", "up")
+		run(t, "ip", "neigh", "add", "10.1.0.2", "lladdr", "02:00:00:00:00:02", "dev", "v0")
+		run(t, "ip", "route", "add", "10.96.0.0/16", "via", "10.1.0.2")
+		run(t, "iptables", "-t", "nat", "-A", "POSTROUTING", "-d", "192.0.2.0/24", "-j", "MASQUERADE")
+		ln, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		listener := uint16(ln.Addr().(*net.TCPAddr).Port)
+
+		// The SYN leaves before any rule; nothing answers it. The socket
+		// is made here, on the namespace's thread (a goroutine could run
+		// on a thread of the machine's namespace), and does not block.
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer unix.Close(fd)
+		if err := unix.Connect(fd, &unix.SockaddrInet4{Port: 80, Addr: [4]byte{10, 96, 0, 30}}); err != unix.EINPROGRESS {
+			t.Fatalf("connect: %v; want EINPROGRESS", err)
+		}
+		time.Sleep(300 * time.Millisecond)
+		run(t, "iptables", "-t", "nat", "-A", "OUTPUT", "-d", "10.96.0.30", "-p", "tcp", "--dport", "80", "-j", "REDIRECT", "--to-ports", strconv.Itoa(int(listener)))
+		current := []Mapping{{TCP: true, IP: netip.MustParseAddr("10.96.0.30"), Port: 80, Listener: listener}}
+		if n, err := ClearStale(false, current, nil); err != nil || n != 1 {
+			t.Fatalf("ClearStale with a SYN in flight deleted %d, %v; want 1", n, err)
+		}
+		// The retransmit (1s after the first SYN) is redirected now.
+		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLOUT}}
+		if n, err := unix.Poll(fds, 5000); err != nil || n != 1 {
+			t.Fatalf("the connect did not complete within 5s of the clear: %v", err)
+		}
+		if soErr, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ERROR); err != nil || soErr != 0 {
+			t.Fatalf("the connect failed: %v, %v", unix.Errno(soErr), err)
+		}
+
+		// An established connection to the ClusterIP, then a rule change
+		// that points elsewhere: the connection's entry stays.
+		current[0].Listener = listener + 1
+		if n, err := ClearStale(false, current, nil); err != nil || n != 0 {
+			t.Errorf("ClearStale with an established connection deleted %d, %v; want 0", n, err)
 		}
 	})
 }

@@ -3,6 +3,7 @@ package proxy
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 	"strings"
@@ -119,46 +120,48 @@ func (t *family) write(rs []iptables.Redirect, full bool) (bool, error) {
 		return true, err
 	}
 	t.written = append([]iptables.Redirect{}, rs...) // non-nil even when empty
-	t.clearStaleUDP(old, rs)
+	t.clearStale(old, rs)
 	return true, nil
 }
 
-// clearStaleUDP deletes the conntrack entries of UDP flows that no longer
-// go where the rules rs send them, when the UDP rules changed since old
-// (nil: unknown, as after a start). See package conntrack.
-func (t *family) clearStaleUDP(old, rs []iptables.Redirect) {
-	current, before := udpMappings(rs), udpMappings(old)
-	if old != nil && slices.Equal(current, before) {
-		return
-	}
+// clearStale deletes the conntrack entries of flows that no longer go
+// where the rules rs send them (see package conntrack), when rules were
+// added or UDP ones removed since old (nil: unknown, as after a start).
+func (t *family) clearStale(old, rs []iptables.Redirect) {
+	current, before := mappings(rs), mappings(old)
 	var removed []conntrack.Mapping
-	for _, m := range before {
-		if !slices.Contains(current, m) {
+	for m := range before {
+		if !m.TCP && !current[m] {
 			removed = append(removed, m)
 		}
 	}
-	n, err := conntrack.ClearStale(t.ipv6, current, removed)
+	added := false
+	for m := range current {
+		added = added || !before[m]
+	}
+	if old != nil && !added && len(removed) == 0 {
+		return
+	}
+	n, err := conntrack.ClearStale(t.ipv6, slices.Collect(maps.Keys(current)), removed)
 	if err != nil {
 		// Only flows that started before the change stay stale.
-		t.log.WithError(err).Warn("Could not clear stale UDP conntrack entries")
+		t.log.WithError(err).Warn("Could not clear stale conntrack entries")
 		return
 	}
 	if n > 0 {
-		t.log.WithField("entries", n).Info("Cleared UDP conntrack entries that led elsewhere than the rules now say")
+		t.log.WithField("entries", n).Info("Cleared conntrack entries that led elsewhere than the rules now say")
 	}
 }
 
-// udpMappings are the UDP rules of rs, as conntrack sees them.
-func udpMappings(rs []iptables.Redirect) []conntrack.Mapping {
-	var ms []conntrack.Mapping
+// mappings are the rules of rs as conntrack sees them.
+func mappings(rs []iptables.Redirect) map[conntrack.Mapping]bool {
+	ms := make(map[conntrack.Mapping]bool, len(rs))
 	for _, r := range rs {
-		if r.Protocol == "udp" {
-			ip := r.IP
-			if r.Kind == iptables.NodePort {
-				ip = netip.Addr{}
-			}
-			ms = append(ms, conntrack.Mapping{IP: ip, Port: r.Port, Listener: r.ToPort})
+		ip := r.IP
+		if r.Kind == iptables.NodePort {
+			ip = netip.Addr{}
 		}
+		ms[conntrack.Mapping{TCP: r.Protocol == "tcp", IP: ip, Port: r.Port, Listener: r.ToPort}] = true
 	}
 	return ms
 }

@@ -16,7 +16,10 @@ import (
 
 // Run runs f on a thread that has entered a new network namespace, with
 // its loopback up, so every command f runs and every socket f opens acts
-// in that namespace. The namespace is deleted afterwards.
+// in that namespace. The namespace is deleted afterwards. Sockets must be
+// made by f itself, not by goroutines it starts: those run on other
+// threads, in the machine's namespace. (A socket made here may then be
+// used from any goroutine.)
 func Run(t *testing.T, f func()) {
 	t.Helper()
 	if os.Geteuid() != 0 {
