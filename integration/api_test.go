@@ -74,8 +74,20 @@ func ensureNode(tb testing.TB, c kubernetes.Interface, name string) {
 
 // startAPIProxy starts the proxy in lab node node, as Node nodeName, under
 // kube-proxy's identity, reaching the control plane through a forward into
-// the node's namespace.
-func startAPIProxy(tb testing.TB, env *kubetestenv.Env, l *lab.Lab, node *lab.NS, nodeName string) *lab.Proc {
+// the node's namespace, with extra flags.
+func startAPIProxy(tb testing.TB, env *kubetestenv.Env, l *lab.Lab, node *lab.NS, nodeName string, extra ...string) *lab.Proc {
+	tb.Helper()
+	args := append([]string{"--kubeconfig", apiKubeconfig(tb, env, l, node), "--hostname-override", nodeName}, extra...)
+	proxy, err := l.StartProxyOn(node, tools, "", args...)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return proxy
+}
+
+// apiKubeconfig forwards a port in node to the API server and writes a
+// kubeconfig for kube-proxy's identity that uses it.
+func apiKubeconfig(tb testing.TB, env *kubetestenv.Env, l *lab.Lab, node *lab.NS) string {
 	tb.Helper()
 	port, err := l.Forward(node, fmt.Sprintf("127.0.0.1:%d", env.APIPort))
 	if err != nil {
@@ -85,11 +97,7 @@ func startAPIProxy(tb testing.TB, env *kubetestenv.Env, l *lab.Lab, node *lab.NS
 	if err != nil {
 		tb.Fatal(err)
 	}
-	proxy, err := l.StartProxyOn(node, tools, "", "--kubeconfig", kubeconfig, "--hostname-override", nodeName)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	return proxy
+	return kubeconfig
 }
 
 // stopControlPlane is called by TestMain after the tests.

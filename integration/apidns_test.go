@@ -2,7 +2,6 @@ package integration
 
 import (
 	"context"
-	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -47,18 +46,7 @@ func TestHeadlessDNSThroughTheAPI(t *testing.T) {
 	}
 	k.waitSlices(t, "db", w.IP.String())
 
-	port, err := l.Forward(l.Node, fmt.Sprintf("127.0.0.1:%d", env.APIPort))
-	if err != nil {
-		t.Fatal(err)
-	}
-	kubeconfig, err := env.Kubeconfig(l.Node.Name+".kubeconfig", fmt.Sprintf("https://127.0.0.1:%d", port))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := l.StartProxyOn(l.Node, tools, "", "--kubeconfig", kubeconfig, "--hostname-override", "node-1",
-		"--cluster-dns", clusterDNS, "--dns-upstream", lab.ExtIP.String()); err != nil {
-		t.Fatal(err)
-	}
+	startAPIProxy(t, env, l, l.Node, "node-1", "--cluster-dns", clusterDNS, "--dns-upstream", lab.ExtIP.String())
 	for name, want := range map[string]string{
 		"db." + ns + ".svc.cluster.local":  w.IP.String(),
 		"web." + ns + ".svc.cluster.local": "10.96.0.77",

@@ -97,14 +97,7 @@ func firstSync(b *testing.B, env *kubetestenv.Env, n int) (time.Duration, float6
 		b.Fatal(err)
 	}
 	defer l.Close()
-	port, err := l.Forward(l.Node, fmt.Sprintf("127.0.0.1:%d", env.APIPort))
-	if err != nil {
-		b.Fatal(err)
-	}
-	kubeconfig, err := env.Kubeconfig(l.Node.Name+".kubeconfig", fmt.Sprintf("https://127.0.0.1:%d", port))
-	if err != nil {
-		b.Fatal(err)
-	}
+	kubeconfig := apiKubeconfig(b, env, l, l.Node)
 	b.StartTimer()
 	start := time.Now()
 	b.Logf("%s start", start.UTC().Format(time.RFC3339Nano))
