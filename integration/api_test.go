@@ -212,6 +212,22 @@ func (k *kubelet) notReady(t *testing.T, name string) {
 	}
 }
 
+// apiLab is how a one-node API test starts: the control plane, a namespace
+// of the test's own, the Node node-1, a lab with a client pod, and the
+// kubelet of node-1 in that namespace.
+func apiLab(t *testing.T, prefix string) (*kubetestenv.Env, *lab.Lab, *lab.Pod, *kubelet) {
+	t.Helper()
+	env := controlPlane(t)
+	ns := apiNamespace(t, env.Admin, prefix)
+	ensureNode(t, env.Admin, "node-1")
+	l := newLab(t)
+	client, err := l.AddPod("client", lab.ClientPod)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return env, l, client, &kubelet{t: t, c: env.Admin, ns: ns, node: "node-1"}
+}
+
 // TestServiceStoryThroughTheAPI tells the Service story through a real API
 // server (including terminating endpoints, which only a real EndpointSlice
 // controller publishes as it does), as a user with kubectl would, with the proxy running under
@@ -219,18 +235,9 @@ func (k *kubelet) notReady(t *testing.T, name string) {
 // system:node-proxier) and the real EndpointSlice controller writing the
 // slices from the Pods.
 func TestServiceStoryThroughTheAPI(t *testing.T) {
-	env := controlPlane(t)
-	ctx := context.Background()
-	c := env.Admin
-	ns := apiNamespace(t, c, "story")
-	ensureNode(t, c, "node-1")
-
-	l := newLab(t)
-	client, err := l.AddPod("client", lab.ClientPod)
-	if err != nil {
-		t.Fatal(err)
-	}
-	k := &kubelet{t: t, c: c, ns: ns, node: "node-1"}
+	env, l, client, k := apiLab(t, "story")
+	ctx, c, ns := context.Background(), env.Admin, k.ns
+	var err error
 	v1Labels := map[string]string{"app": "web-front-end", "version": "v1"}
 	for n := 1; n <= 1; n++ {
 		w := lab.NewWebPod(n, "v1", 8080)

@@ -18,17 +18,8 @@ import (
 // out, they have nothing to proxy), so a headless Service's name answers
 // with its pods' addresses; a ClusterIP Service's name with its ClusterIP.
 func TestHeadlessDNSThroughTheAPI(t *testing.T) {
-	env := controlPlane(t)
-	ctx := context.Background()
-	c := env.Admin
-	ns := apiNamespace(t, c, "dns")
-	ensureNode(t, c, "node-1")
-	l := newLab(t)
-	client, err := l.AddPod("client", lab.ClientPod)
-	if err != nil {
-		t.Fatal(err)
-	}
-	k := &kubelet{t: t, c: c, ns: ns, node: "node-1"}
+	env, l, client, k := apiLab(t, "dns")
+	ctx, c, ns := context.Background(), env.Admin, k.ns
 	w := lab.NewWebPod(7, "v1", 8080)
 	if _, err := l.AddWeb(tools, w); err != nil {
 		t.Fatal(err)
@@ -52,6 +43,7 @@ func TestHeadlessDNSThroughTheAPI(t *testing.T) {
 		"web." + ns + ".svc.cluster.local": "10.96.0.77",
 	} {
 		var out []byte
+		var err error
 		for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
 			if out, err = client.Run(ctx, "dig", "+short", "+tries=1", "+time=1", "@"+clusterDNS, name); err == nil && strings.TrimSpace(string(out)) == want {
 				break
