@@ -100,11 +100,20 @@ type Config struct {
 	// (--metrics-bind-address, kube-proxy's 127.0.0.1:10249); empty means
 	// nowhere.
 	MetricsBindAddress string
+	// ShutdownGracePeriod is how long established connections may go on
+	// after ctx is done, before the rest are reset
+	// (--shutdown-grace-period). Zero resets them at once.
+	ShutdownGracePeriod time.Duration
 	// Profiling serves Go's /debug/pprof next to /metrics (--profiling).
 	Profiling bool
 	// Log is where the proxy logs. Nil means logrus' standard logger.
 	Log logrus.FieldLogger
 }
+
+// DefaultShutdownGracePeriod is --shutdown-grace-period's default: below
+// the 30s a pod gets between SIGTERM and SIGKILL by default
+// (terminationGracePeriodSeconds).
+const DefaultShutdownGracePeriod = 10 * time.Second
 
 func (c *Config) syncPeriod() time.Duration {
 	if c.SyncPeriod > 0 {
@@ -227,6 +236,14 @@ func Run(ctx context.Context, cfg Config) error {
 		})
 	}
 	err = g.Wait()
+	// Stopping: the listeners close, so the kernel refuses new
+	// connections; the established ones get the grace period to finish.
+	if n := listeners.ActiveConnections(); n > 0 {
+		log.WithFields(logrus.Fields{"connections": n, "gracePeriod": cfg.ShutdownGracePeriod}).Info("Stopping: letting established connections finish")
+	}
+	if n := listeners.Shutdown(cfg.ShutdownGracePeriod); n > 0 {
+		log.WithField("connections", n).Warn("Grace period over: reset the connections still open")
+	}
 	log.Info("Stopped; rules and addresses stay in place until the next start or --cleanup")
 	return err
 }

@@ -49,6 +49,8 @@ type options struct {
 	bindAddress      string
 	proxyPortRange   string
 	udpTimeout       time.Duration
+	tcpIdleTimeout   time.Duration
+	shutdownGrace    time.Duration
 	syncPeriod       time.Duration
 	iptablesBackend  string
 	mode             string
@@ -127,6 +129,8 @@ and carries each connection to one of the Service's pods, round robin.`,
 	f.StringVar(&o.bindAddress, "bind-address", "0.0.0.0", "node IPv4 address the listeners bind to; 0.0.0.0 for all (iptables then uses REDIRECT, otherwise DNAT to this address)")
 	f.StringVar(&o.proxyPortRange, "proxy-port-range", "", "node ports for our listeners: begin-end, begin+offset, or empty for ports the kernel chooses")
 	f.DurationVar(&o.udpTimeout, "udp-timeout", userspace.DefaultUDPTimeout, "how long an idle UDP session lives; raise it for protocols whose replies come slowly (DNS over slow upstreams, game servers)")
+	f.DurationVar(&o.tcpIdleTimeout, "tcp-idle-timeout", userspace.DefaultTCPIdleTimeout, "reset a proxied TCP connection that has moved no byte either way for this long (0: never); the default is kube-proxy's conntrack timeout for established connections")
+	f.DurationVar(&o.shutdownGrace, "shutdown-grace-period", proxy.DefaultShutdownGracePeriod, "on SIGTERM, how long established connections may go on finishing before the rest are reset; keep it below the pod's terminationGracePeriodSeconds")
 	f.DurationVar(&o.syncPeriod, "iptables-sync-period", 30*time.Second, "how often everything is applied again even without a change, putting back rules someone else deleted")
 	f.StringVar(&o.mode, "mode", proxy.ModeRedirect, "how Service traffic reaches the listeners: redirect (iptables REDIRECT), bind (Service IPs made local, no netfilter at all), or auto (redirect if the kernel can NAT, else bind)")
 	f.StringSliceVar(&o.nodePortAddrs, "nodeport-addresses", nil, "in bind mode, CIDRs selecting the node addresses NodePorts are served on (default: all)")
@@ -208,6 +212,12 @@ func (o *options) config(log logrus.FieldLogger) (proxy.Config, error) {
 	}
 	if o.udpTimeout <= 0 {
 		errs = append(errs, fmt.Errorf("--udp-timeout %s: must be greater than 0", o.udpTimeout))
+	}
+	if o.tcpIdleTimeout < 0 {
+		errs = append(errs, fmt.Errorf("--tcp-idle-timeout %s: must be 0 (never) or more", o.tcpIdleTimeout))
+	}
+	if o.shutdownGrace < 0 {
+		errs = append(errs, fmt.Errorf("--shutdown-grace-period %s: must be 0 (reset at once) or more", o.shutdownGrace))
 	}
 	if o.syncPeriod <= 0 {
 		errs = append(errs, fmt.Errorf("--iptables-sync-period %s: must be greater than 0", o.syncPeriod))
@@ -303,9 +313,11 @@ func (o *options) config(log logrus.FieldLogger) (proxy.Config, error) {
 		Listeners: userspace.Config{
 			BindAddress: bind,
 			Ports:       ports,
-			UDPTimeout:  o.udpTimeout,
-			Log:         log,
+			UDPTimeout:     o.udpTimeout,
+			TCPIdleTimeout: o.tcpIdleTimeout,
+			Log:            log,
 		},
+		ShutdownGracePeriod: o.shutdownGrace,
 		Kubernetes:         client,
 		ServiceProxyName:   o.serviceProxyName,
 		MinSyncPeriod:      o.minSyncPeriod,

@@ -40,11 +40,17 @@ type Config struct {
 	// UDPTimeout ends a UDP session after this long without a datagram in
 	// either direction (--udp-timeout). Zero means 250ms, upstream's default.
 	UDPTimeout time.Duration
-	// HalfCloseTimeout bounds how long a TCP connection may keep running in
-	// one direction after the other direction has finished: the guard
-	// against half-open connections piling up (kubernetes#18354). Zero
-	// means one minute, like Linux's tcp_fin_timeout.
+	// HalfCloseTimeout ends a TCP connection whose one direction has
+	// finished (a FIN was forwarded) and whose other direction has then
+	// moved no byte for this long: the guard against half-open
+	// connections piling up (kubernetes#18354). A reply that keeps
+	// flowing is never cut. Zero means one minute, like Linux's
+	// tcp_fin_timeout.
 	HalfCloseTimeout time.Duration
+	// TCPIdleTimeout ends a proxied TCP connection that has moved no byte
+	// either way for this long (--tcp-idle-timeout), with a reset to both
+	// peers. Zero means never; the flag's default is DefaultTCPIdleTimeout.
+	TCPIdleTimeout time.Duration
 	// DialTimeouts are the timeouts of successive attempts to reach an
 	// endpoint for one connection, each attempt going to the next endpoint.
 	// Nil means upstream's 250ms, 500ms, 1s, 2s.
@@ -59,6 +65,11 @@ type Config struct {
 
 // DefaultUDPTimeout is upstream's --udp-timeout default.
 const DefaultUDPTimeout = 250 * time.Millisecond
+
+// DefaultTCPIdleTimeout is --tcp-idle-timeout's default: kube-proxy's
+// conntrack timeout for established TCP (--conntrack-tcp-timeout-established),
+// after which the kernel itself forgets an idle connection.
+const DefaultTCPIdleTimeout = 24 * time.Hour
 
 var defaultDialTimeouts = []time.Duration{250 * time.Millisecond, 500 * time.Millisecond, time.Second, 2 * time.Second}
 
@@ -117,9 +128,12 @@ type Listeners struct {
 
 	mu     sync.Mutex
 	active map[service.Key]*portListener
-	conns  map[*net.TCPConn]*net.TCPConn // live proxied connections: client -> backend
+	conns  map[*tcpConn]struct{} // live proxied connections
 	closed bool
-	wg     sync.WaitGroup // every goroutine the set started
+	// drained is closed when the last proxied connection ends during a
+	// Shutdown; nil otherwise.
+	drained chan struct{}
+	wg      sync.WaitGroup // every goroutine the set started
 
 	wantedBinds map[service.Key]map[netip.AddrPort]bool // the sockets the last Sync named
 }
@@ -170,7 +184,7 @@ func New(cfg Config) (*Listeners, error) {
 		ctx:    ctx,
 		cancel: cancel,
 		active: make(map[service.Key]*portListener),
-		conns:  make(map[*net.TCPConn]*net.TCPConn),
+		conns:  make(map[*tcpConn]struct{}),
 	}, nil
 }
 
@@ -261,18 +275,37 @@ func (ls *Listeners) CloseUnused() {
 	}
 }
 
-func (ls *Listeners) closeSocket(want netip.AddrPort, sock socket) {
-	sock.close()
-	if want.Port() == 0 {
-		ls.cfg.Ports.Release(int(sock.addr().Port()))
+// Shutdown stops the set gracefully, as a proxy being stopped should: every
+// listening socket is closed at once, so the kernel refuses new connections
+// (and UDP sessions end, their replies having no socket to leave from);
+// established TCP connections then have until grace to finish on their own;
+// whatever is left after that is reset, never closed cleanly, so that no
+// client takes a cut transfer for a complete one. It returns the number of
+// connections that had to be reset.
+func (ls *Listeners) Shutdown(grace time.Duration) int {
+	ls.mu.Lock()
+	ls.closeListeners()
+	var drained chan struct{}
+	if len(ls.conns) > 0 {
+		drained = make(chan struct{})
+		ls.drained = drained
 	}
+	ls.mu.Unlock()
+	if drained != nil {
+		t := time.NewTimer(grace)
+		select {
+		case <-drained:
+		case <-t.C:
+		}
+		t.Stop()
+	}
+	left := ls.ActiveConnections()
+	ls.Close()
+	return left
 }
 
-// Close closes every listener and every proxied connection, and waits for all
-// the goroutines of the set to return.
-func (ls *Listeners) Close() {
-	ls.mu.Lock()
-	ls.closed = true
+// closeListeners closes every socket of every listener. ls.mu is held.
+func (ls *Listeners) closeListeners() {
 	for k, l := range ls.active {
 		for want, sock := range l.sockets {
 			ls.closeSocket(want, sock)
@@ -280,9 +313,23 @@ func (ls *Listeners) Close() {
 		}
 		delete(ls.active, k)
 	}
-	for client, backend := range ls.conns {
-		client.Close()
-		backend.Close()
+}
+
+func (ls *Listeners) closeSocket(want netip.AddrPort, sock socket) {
+	sock.close()
+	if want.Port() == 0 {
+		ls.cfg.Ports.Release(int(sock.addr().Port()))
+	}
+}
+
+// Close closes every listener and resets every proxied connection, and
+// waits for all the goroutines of the set to return.
+func (ls *Listeners) Close() {
+	ls.mu.Lock()
+	ls.closed = true
+	ls.closeListeners()
+	for c := range ls.conns {
+		c.abort()
 	}
 	ls.mu.Unlock()
 	ls.cancel()
@@ -356,23 +403,26 @@ func (ls *Listeners) goroutine(f func()) {
 	}()
 }
 
-// track records a proxied TCP connection, its client and backend sockets,
-// so that Close can end it. It reports false when the set is already
-// closed; the caller then closes both.
-func (ls *Listeners) track(client, backend *net.TCPConn) bool {
+// track records a proxied TCP connection, so that Close can end it. It
+// reports false when the set is already closed.
+func (ls *Listeners) track(c *tcpConn) bool {
 	ls.mu.Lock()
 	defer ls.mu.Unlock()
 	if ls.closed {
 		return false
 	}
-	ls.conns[client] = backend
+	ls.conns[c] = struct{}{}
 	return true
 }
 
-func (ls *Listeners) untrack(client *net.TCPConn) {
+func (ls *Listeners) untrack(c *tcpConn) {
 	ls.mu.Lock()
 	defer ls.mu.Unlock()
-	delete(ls.conns, client)
+	delete(ls.conns, c)
+	if ls.drained != nil && len(ls.conns) == 0 {
+		close(ls.drained)
+		ls.drained = nil
+	}
 }
 
 // ActiveConnections is the number of proxied TCP connections.

@@ -6,6 +6,8 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"os"
+	"sync"
 	"time"
 
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/balancer"
@@ -88,16 +90,18 @@ func (l *portListener) handle(client *net.TCPConn) {
 		return
 	}
 	defer backend.Close()
-	if !l.set.track(client, backend) {
+	conn := newTCPConn(client, backend, l.set.cfg.TCPIdleTimeout, l.set.cfg.halfCloseTimeout())
+	if !l.set.track(conn) {
+		conn.abort()
 		return // the set is closing
 	}
-	defer l.set.untrack(client)
+	defer l.set.untrack(conn)
 	if endpoint != choice.Endpoint(0) {
 		l.bal.Connected(clientIP, endpoint)
 	}
 	l.m.ok.Inc()
 	l.m.active.Inc()
-	toBackend, fromBackend := splice(client, backend, l.set.cfg.halfCloseTimeout())
+	toBackend, fromBackend := conn.run()
 	l.m.active.Dec()
 	l.m.toBackend.Add(float64(toBackend))
 	l.m.fromBackend.Add(float64(fromBackend))
@@ -127,43 +131,160 @@ func (l *portListener) dial(ctx context.Context, choice balancer.Choice) (*net.T
 	return nil, netip.AddrPort{}, errors.Join(errs...)
 }
 
-// splice copies bytes both ways between a and b until both directions are
-// done. Between two bare *net.TCPConn, io.Copy uses splice(2) on Linux: the
-// bytes go from socket to socket through a kernel pipe and never into our
-// memory. One direction runs in a goroutine of its own, the other in the
-// caller's. It returns the bytes copied from a to b and from b to a.
-func splice(a, b *net.TCPConn, halfCloseTimeout time.Duration) (aToB, bToA int64) {
+// The two directions of a proxied connection. Direction d reads from
+// sockets[d] and writes to the other socket.
+const (
+	toBackend   = 0 // client to pod: reads the client's socket
+	fromBackend = 1 // pod to client: reads the backend's socket
+)
+
+// tcpConn is one proxied connection: the client's socket, the one we opened
+// to the pod, and the guard that ends it when it stops moving.
+//
+// How a connection ends is passed on as it happened. A clean end of one
+// direction (a FIN) is forwarded as a FIN: the write side of the other
+// socket is shut and the other direction goes on, so a client that sends
+// its request and shuts its write side still gets the whole reply. An error
+// (a RST from either peer, a write that fails) resets both sockets
+// (SO_LINGER 0): a truncated transfer must never look complete to the
+// other side, which a clean close would make it.
+//
+// The idle guard uses read deadlines only. Each direction sets the read
+// deadline of the socket it reads; when it passes, the copy returns with
+// the bytes it moved meanwhile and resumes with a new deadline. A
+// direction whose deadline passed with nothing moved is quiet; when both
+// are quiet, or one is quiet and the other has finished, the connection has
+// been idle for at least one period and is reset. The period is
+// Config.TCPIdleTimeout while both directions run, and the shorter
+// Config.HalfCloseTimeout once one has finished (kubernetes#18354: a peer
+// that never closes its half must not hold both sockets forever). Write
+// deadlines are never used: a write that times out in the middle of a
+// splice would lose the bytes already in its pipe.
+type tcpConn struct {
+	sockets          [2]*net.TCPConn // [toBackend] the client's, [fromBackend] the backend's
+	idleTimeout      time.Duration   // 0: none while both directions run
+	halfCloseTimeout time.Duration
+
+	mu    sync.Mutex
+	dirs  [2]direction
+	reset bool // abort ran: both sockets are closed
+}
+
+// direction is what the guard knows of one direction.
+type direction struct {
+	done  bool      // its FIN was forwarded
+	quiet bool      // its last deadline passed with no byte moved
+	woke  time.Time // when its copy last returned (or started)
+}
+
+func newTCPConn(client, backend *net.TCPConn, idle, halfClose time.Duration) *tcpConn {
+	c := &tcpConn{sockets: [2]*net.TCPConn{client, backend}, idleTimeout: idle, halfCloseTimeout: halfClose}
+	now := time.Now()
+	for d := range c.dirs {
+		c.dirs[d].woke = now
+		c.sockets[d].SetReadDeadline(c.deadline(now))
+	}
+	return c
+}
+
+// run copies both ways until both directions are done, one direction in a
+// goroutine of its own and the other in the caller's. It returns the bytes
+// copied each way.
+func (c *tcpConn) run() (up, down int64) {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		aToB = proxyCopy(b, a, halfCloseTimeout)
+		up = c.copy(toBackend)
 	}()
-	bToA = proxyCopy(a, b, halfCloseTimeout)
+	down = c.copy(fromBackend)
 	<-done
-	return aToB, bToA
+	return up, down
 }
 
-// proxyCopy copies one direction, from src to dst, and decides what its end
-// means for the connection.
-//
-// A clean end (EOF) is forwarded as a half-close: dst's write side is shut,
-// so a client that sends a request and shuts its write side still receives
-// the whole reply. From then on the other direction has halfCloseTimeout to
-// finish, so a peer that never closes cannot hold both sockets forever
-// (kubernetes#18354). An error closes both connections, which ends the other
-// direction too. It returns the bytes copied.
-func proxyCopy(dst, src *net.TCPConn, halfCloseTimeout time.Duration) int64 {
-	n, err := io.Copy(dst, src)
-	if err == nil {
-		err = dst.CloseWrite()
+// copy carries direction d until it ends. Between two bare *net.TCPConn,
+// io.Copy uses splice(2) on Linux: the bytes go from socket to socket
+// through a kernel pipe and never into our memory.
+func (c *tcpConn) copy(d int) int64 {
+	src, dst := c.sockets[d], c.sockets[1-d]
+	var total int64
+	for {
+		n, err := io.Copy(dst, src)
+		total += n
+		switch {
+		case err == nil: // src sent its FIN: forward it
+			if err := dst.CloseWrite(); err != nil {
+				c.abort()
+			} else {
+				c.finish(d)
+			}
+			return total
+		case errors.Is(err, os.ErrDeadlineExceeded) && c.resume(d, n > 0):
+			continue
+		default: // a reset, a failed write, the guard, or Close
+			c.abort()
+			return total
+		}
 	}
-	if err != nil {
-		src.Close()
-		dst.Close()
-		return n
+}
+
+// deadline is the read deadline for a period starting at now; the zero
+// time is none.
+func (c *tcpConn) deadline(now time.Time) time.Time {
+	period := c.idleTimeout
+	if c.dirs[toBackend].done || c.dirs[fromBackend].done {
+		period = c.halfCloseTimeout
 	}
-	deadline := time.Now().Add(halfCloseTimeout)
-	src.SetDeadline(deadline)
-	dst.SetDeadline(deadline)
-	return n
+	if period <= 0 {
+		return time.Time{}
+	}
+	return now.Add(period)
+}
+
+// resume is called when direction d's read deadline passed; moved says
+// whether d carried any byte since the last one. It reports whether the
+// connection goes on (with a new deadline for d) or has been idle long
+// enough to be ended.
+func (c *tcpConn) resume(d int, moved bool) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	now := time.Now()
+	c.dirs[d].quiet = !moved
+	c.dirs[d].woke = now
+	other := &c.dirs[1-d]
+	// A direction whose deadline has not come back for two periods is
+	// stuck in a write: its peer stopped reading. It moves nothing either.
+	stuck := c.idleTimeout > 0 && !other.done && now.Sub(other.woke) > 2*c.idleTimeout
+	if !moved && (other.done || other.quiet || stuck) {
+		return false
+	}
+	c.sockets[d].SetReadDeadline(c.deadline(now))
+	return true
+}
+
+// finish records that direction d forwarded its FIN. The other direction
+// now runs on the half-close period, starting now.
+func (c *tcpConn) finish(d int) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.dirs[d].done = true
+	if o := 1 - d; !c.dirs[o].done && !c.reset {
+		now := time.Now()
+		c.dirs[o].woke = now
+		c.sockets[o].SetReadDeadline(c.deadline(now))
+	}
+}
+
+// abort resets both sockets: each peer sees ECONNRESET, not a clean end.
+// The other direction's copy then fails too and returns.
+func (c *tcpConn) abort() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.reset {
+		return
+	}
+	c.reset = true
+	for _, s := range c.sockets {
+		s.SetLinger(0) // Close sends a RST and drops what is unsent
+		s.Close()
+	}
 }

@@ -9,7 +9,6 @@ import (
 	"io"
 	"net"
 	"net/netip"
-	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -166,33 +165,6 @@ func TestHalfClose(t *testing.T) {
 	got, err := io.ReadAll(c)
 	if want := "read 7 bytes; here is the reply after your FIN"; err != nil || string(got) != want {
 		t.Errorf("reply after half-close = %q, %v; want %q", got, err, want)
-	}
-}
-
-// TestHalfOpenGuard: a backend that never closes after the client's FIN
-// must not hold both sockets forever (kubernetes#18354).
-func TestHalfOpenGuard(t *testing.T) {
-	release := make(chan struct{})
-	ls := newSet(t, Config{HalfCloseTimeout: 200 * time.Millisecond})
-	ep := backend(t, func(c *net.TCPConn) {
-		io.Copy(io.Discard, c)
-		<-release // hold the connection open, never answer, never close
-	})
-	defer close(release)
-	addr := listen(t, ls, snap(t, tcpPort(ep)), tcpPort().Key())
-	c := dialTCP(t, addr)
-	c.CloseWrite()
-	c.SetReadDeadline(time.Now().Add(10 * time.Second))
-	if _, err := io.ReadAll(c); err != nil && !errors.Is(err, syscallReset) && !strings.Contains(err.Error(), "reset") {
-		t.Fatalf("read after half-close: %v; want the proxy to end the connection", err)
-	}
-	// The proxy has closed its side; its bookkeeping must agree.
-	deadline := time.Now().Add(5 * time.Second)
-	for ls.ActiveConnections() != 0 && time.Now().Before(deadline) {
-		time.Sleep(10 * time.Millisecond)
-	}
-	if n := ls.ActiveConnections(); n != 0 {
-		t.Errorf("ActiveConnections() = %d after the half-close timeout, want 0", n)
 	}
 }
 
