@@ -264,12 +264,26 @@ type change struct {
 func offer(ch chan change, c change) {
 	select {
 	case old := <-ch:
-		c.triggers = append(old.triggers, c.triggers...)
+		c.triggers = addTriggers(old.triggers, c.triggers)
 		c.serviceChanges += old.serviceChanges
 		c.endpointChanges += old.endpointChanges
 	default:
 	}
 	ch <- c
+}
+
+// maxTriggers bounds the trigger times kept for changes not applied yet:
+// while syncs keep failing, changes keep coming, and each brings its times.
+const maxTriggers = 1000
+
+// addTriggers appends more to ts, keeping at most maxTriggers. The oldest
+// are kept: they are the ones the network programming latency is about.
+func addTriggers(ts, more []time.Time) []time.Time {
+	room := maxTriggers - len(ts)
+	if room <= 0 {
+		return ts
+	}
+	return append(ts, more[:min(room, len(more))]...)
 }
 
 // Cleanup removes what any mode of ours added to the node (--cleanup): our
@@ -349,7 +363,7 @@ func (p *proxier) loop(ctx context.Context, changes <-chan change, period time.D
 		case <-ctx.Done():
 			return
 		case c := <-changes:
-			p.triggers = append(p.triggers, c.triggers...)
+			p.triggers = addTriggers(p.triggers, c.triggers)
 			p.pendingServices += c.serviceChanges
 			p.pendingSlices += c.endpointChanges
 			p.apply(c.snap, false)

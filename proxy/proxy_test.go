@@ -4,6 +4,7 @@ import (
 	"net/netip"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/iptables"
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/service"
@@ -90,5 +91,19 @@ func TestNoLocalEndpoints(t *testing.T) {
 	}
 	if n := noLocalEndpoints(s); n != 1 {
 		t.Errorf("noLocalEndpoints = %d, want 1", n)
+	}
+}
+
+// TestTriggersBounded: while syncs keep failing, the trigger times kept
+// for the network programming latency stop growing at maxTriggers, and the
+// oldest are the ones kept.
+func TestTriggersBounded(t *testing.T) {
+	start := time.Unix(1000, 0)
+	var ts []time.Time
+	for i := range 3 * maxTriggers {
+		ts = addTriggers(ts, []time.Time{start.Add(time.Duration(i) * time.Second)})
+	}
+	if len(ts) != maxTriggers || !ts[0].Equal(start) {
+		t.Fatalf("after %d changes: %d trigger times, first %v; want %d, first %v", 3*maxTriggers, len(ts), ts[0], maxTriggers, start)
 	}
 }
