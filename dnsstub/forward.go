@@ -17,6 +17,16 @@ import (
 // short over UDP (TC) is asked for again over TCP. When no upstream answers
 // the client gets SERVFAIL, never silence.
 func (s *Server) forward(r *dns.Msg) *dns.Msg {
+	select {
+	case s.forwards <- struct{}{}:
+		defer func() { <-s.forwards }()
+	default:
+		// Too many queries already wait on the upstreams (a slow
+		// upstream, or a flood of names outside the cluster): say so at
+		// once rather than hold more goroutines and sockets.
+		s.metrics.forwardsRefused.Inc()
+		return new(dns.Msg).SetRcode(r, dns.RcodeServerFailure)
+	}
 	s.metrics.forwarded.Inc()
 	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.ForwardTimeout)
 	defer cancel()

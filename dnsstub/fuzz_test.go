@@ -46,5 +46,11 @@ func FuzzAnswer(f *testing.F) {
 				t.Fatalf("UDP reply of %d bytes to a query without EDNS0", len(p))
 			}
 		}
+		if udp {
+			r.Compress = true
+			if p, _ := r.Pack(); len(p) > MaxUDPSize {
+				t.Fatalf("UDP reply of %d bytes, over %d", len(p), MaxUDPSize)
+			}
+		}
 	})
 }

@@ -13,6 +13,9 @@ type metrics struct {
 	duration       prometheus.Histogram
 	forwarded      prometheus.Counter
 	upstreamErrors prometheus.Counter
+	// forwardsRefused counts queries answered SERVFAIL because
+	// MaxConcurrentForwards were already waiting.
+	forwardsRefused prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -34,9 +37,13 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "kube_userspace_proxy_dns_upstream_errors_total",
 			Help: "Upstream DNS exchanges that failed (timeout, refused, bad reply).",
 		}),
+		forwardsRefused: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "kube_userspace_proxy_dns_forwards_refused_total",
+			Help: "Queries answered SERVFAIL without forwarding: the maximum of concurrent forwarded queries was reached.",
+		}),
 	}
 	if reg != nil {
-		for _, c := range []prometheus.Collector{m.requests, m.duration, m.forwarded, m.upstreamErrors} {
+		for _, c := range []prometheus.Collector{m.requests, m.duration, m.forwarded, m.upstreamErrors, m.forwardsRefused} {
 			if err := reg.Register(c); err != nil {
 				return nil, err
 			}

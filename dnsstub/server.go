@@ -12,6 +12,7 @@ import (
 	"github.com/miekg/dns"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/sirupsen/logrus"
+	"golang.org/x/net/netutil"
 )
 
 // Config says what the stub answers and where it forwards the rest. Zero
@@ -28,6 +29,14 @@ type Config struct {
 	// ForwardTimeout bounds one forwarded query over all upstreams. Zero
 	// means 2s, so a client (5s by default) sees SERVFAIL, not a timeout.
 	ForwardTimeout time.Duration
+	// MaxConcurrentForwards bounds the queries waiting on an upstream at
+	// once; beyond it a query is answered SERVFAIL at once and counted
+	// (CoreDNS forward's max_concurrent). Zero means 1000, CoreDNS's
+	// default. Each waiting query holds a goroutine and a socket.
+	MaxConcurrentForwards int
+	// MaxTCPConnections bounds the TCP connections served at once; more
+	// wait in the kernel's accept queue. Zero means 1000.
+	MaxTCPConnections int
 	// Registerer receives the stub's metrics. Nil means none.
 	Registerer prometheus.Registerer
 	// Log receives what cannot be returned. Nil discards it.
@@ -43,6 +52,8 @@ type Server struct {
 	zone    atomic.Pointer[Zone]
 	metrics *metrics
 	log     logrus.FieldLogger
+	// forwards holds a token for each query waiting on an upstream.
+	forwards chan struct{}
 }
 
 // NewServer returns a stub that answers SERVFAIL for the cluster domain
@@ -61,11 +72,16 @@ func NewServer(cfg Config) (*Server, error) {
 	if cfg.ForwardTimeout == 0 {
 		cfg.ForwardTimeout = 2 * time.Second
 	}
-	s := &Server{origin: dns.Fqdn(strings.ToLower(cfg.Domain)), ttl: cfg.TTL, cfg: cfg, log: cfg.Log}
+	if cfg.MaxConcurrentForwards == 0 {
+		cfg.MaxConcurrentForwards = 1000
+	}
+	if cfg.MaxTCPConnections == 0 {
+		cfg.MaxTCPConnections = 1000
+	}
+	s := &Server{origin: dns.Fqdn(strings.ToLower(cfg.Domain)), ttl: cfg.TTL, cfg: cfg, log: cfg.Log,
+		forwards: make(chan struct{}, cfg.MaxConcurrentForwards)}
 	if s.log == nil {
-		l := logrus.New()
-		l.SetLevel(logrus.PanicLevel)
-		s.log = l
+		s.log = nopLog()
 	}
 	m, err := newMetrics(cfg.Registerer)
 	if err != nil {
@@ -95,7 +111,14 @@ func (s *Server) Serve(ctx context.Context, pc net.PacketConn, ln net.Listener) 
 	}
 	if ln != nil {
 		// MaxTCPQueries: miekg closes a TCP connection after 128 queries
-		// by default; resolvers and caches keep theirs open.
+		// by default; resolvers and caches keep theirs open. IdleTimeout
+		// ends a connection that sends nothing for 10s.
+		//
+		// miekg's accept loop retries a temporary error (EMFILE) at once,
+		// spinning a core, and returns on any other, which would stop the
+		// whole proxy: our listener backs off and never fails but for
+		// being closed, and serves a bounded number of connections.
+		ln = netutil.LimitListener(&patientListener{Listener: ln, log: s.log}, s.cfg.MaxTCPConnections)
 		servers = append(servers, &dns.Server{Listener: ln, Handler: s, MaxTCPQueries: -1, IdleTimeout: func() time.Duration { return 10 * time.Second }})
 	}
 	errc := make(chan error, len(servers))
@@ -132,6 +155,14 @@ func (s *Server) ServeDNS(w dns.ResponseWriter, r *dns.Msg) {
 	}
 }
 
+// MaxUDPSize is the largest DNS reply sent over UDP, whatever buffer size
+// the client's EDNS0 claims, and the size the stub advertises: the DNS flag
+// day 2020 value, which fits an IPv6 packet on any path without
+// fragmentation. A larger answer is truncated with TC set, and the client
+// asks again over TCP. Without the cap a 60-byte query for a big headless
+// Service drew a 32 KB reply: a 500-fold amplifier for spoofed sources.
+const MaxUDPSize = 1232
+
 // Answer returns the reply to r, fitted to the client's buffer when it came
 // over UDP.
 func (s *Server) Answer(r *dns.Msg, udp bool) *dns.Msg {
@@ -142,14 +173,21 @@ func (s *Server) Answer(r *dns.Msg, udp bool) *dns.Msg {
 	m.RecursionAvailable = true
 	size := dns.MaxMsgSize
 	if udp {
-		// The client's EDNS0 buffer, never below 512; 512 without EDNS0.
+		// The client's EDNS0 buffer, never below 512 and never above
+		// MaxUDPSize; 512 without EDNS0.
 		size = dns.MinMsgSize
 		if opt := r.IsEdns0(); opt != nil {
-			size = max(int(opt.UDPSize()), dns.MinMsgSize)
+			size = min(max(int(opt.UDPSize()), dns.MinMsgSize), MaxUDPSize)
 		}
 	}
-	if opt := r.IsEdns0(); opt != nil && m.IsEdns0() == nil {
-		m.SetEdns0(uint16(min(size, 4096)), opt.Do())
+	if opt := r.IsEdns0(); opt != nil {
+		// The size we advertise is the size we honour, also in a reply
+		// relayed from upstream, whose OPT spoke for the upstream.
+		if own := m.IsEdns0(); own != nil {
+			own.SetUDPSize(MaxUDPSize)
+		} else {
+			m.SetEdns0(MaxUDPSize, opt.Do())
+		}
 	}
 	// Truncate keeps whole records only and sets TC when anything was
 	// left out; the client then asks again over TCP.
@@ -231,4 +269,38 @@ func (s *Server) chase(r *dns.Msg, z *Zone, target string, qtype uint16) []dns.R
 		return nil
 	}
 	return reply.Answer
+}
+
+// patientListener is a net.Listener whose Accept never fails but for the
+// listener being closed: any other error (too many open files, a connection
+// reset before it was accepted) is retried after a backoff, from 5ms
+// doubling to 1s, and logged at most once a backoff.
+type patientListener struct {
+	net.Listener
+	log logrus.FieldLogger
+	// sleep waits d; nil means time.Sleep.
+	sleep func(d time.Duration)
+}
+
+func (l *patientListener) Accept() (net.Conn, error) {
+	for failures := 0; ; failures++ {
+		c, err := l.Listener.Accept()
+		if err == nil || errors.Is(err, net.ErrClosed) {
+			return c, err
+		}
+		d := min(5*time.Millisecond<<min(failures, 8), time.Second)
+		l.log.WithError(err).WithField("retryIn", d).Warn("DNS stub: TCP accept failed; backing off")
+		if l.sleep != nil {
+			l.sleep(d)
+		} else {
+			time.Sleep(d)
+		}
+	}
+}
+
+// nopLog is a logger that discards everything.
+func nopLog() logrus.FieldLogger {
+	l := logrus.New()
+	l.SetLevel(logrus.PanicLevel)
+	return l
 }

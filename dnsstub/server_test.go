@@ -291,9 +291,19 @@ func TestTruncation(t *testing.T) {
 	if n, _ := small.Pack(); len(n) > 512 {
 		t.Errorf("UDP reply without EDNS0 is %d bytes, over 512", len(n))
 	}
-	edns := ask(t, addr, "udp", name, dns.TypeA, 4096)
-	if edns.Truncated || len(edns.Answer) != 100 || edns.IsEdns0() == nil {
-		t.Errorf("over UDP with EDNS0 4096: TC=%v, %d records, OPT %v; want all 100 with an OPT", edns.Truncated, len(edns.Answer), edns.IsEdns0() != nil)
+	// An EDNS0 buffer claim above MaxUDPSize is held to it: a small query
+	// must not draw a reply dozens of times its size.
+	edns := ask(t, addr, "udp", name, dns.TypeA, 65000)
+	if !edns.Truncated || len(edns.Answer) <= 30 || edns.IsEdns0() == nil || edns.IsEdns0().UDPSize() != MaxUDPSize {
+		t.Errorf("over UDP with EDNS0 65000: TC=%v, %d records, OPT %v; want TC, more records than without EDNS0, and an OPT of %d", edns.Truncated, len(edns.Answer), edns.IsEdns0(), MaxUDPSize)
+	}
+	edns.Compress = true
+	if n, _ := edns.Pack(); len(n) > MaxUDPSize {
+		t.Errorf("UDP reply to an EDNS0 65000 query is %d bytes, over %d", len(n), MaxUDPSize)
+	}
+	// A relayed reply advertises our size too, not the upstream's.
+	if r := ask(t, addr, "udp", "example.org.", dns.TypeA, 4096); r.IsEdns0() == nil || r.IsEdns0().UDPSize() != MaxUDPSize {
+		t.Errorf("forwarded reply's OPT = %v; want UDP size %d", r.IsEdns0(), MaxUDPSize)
 	}
 	whole := ask(t, addr, "tcp", name, dns.TypeA, 0)
 	if whole.Truncated || len(whole.Answer) != 100 {
