@@ -12,6 +12,9 @@
 //	KUP-NODEPORT-HOST       nat, from OUTPUT (end)       KUBE-NODEPORT-HOST
 //	KUP-NODEPORT-NON-LOCAL  filter, from INPUT (top)     KUBE-NODEPORT-NON-LOCAL
 //
+// The filter chain also guards our listener ports: a packet that reaches
+// one without having been redirected by our rules is dropped.
+//
 // PREROUTING sees packets that arrive from pods and other hosts; OUTPUT sees
 // packets the node itself sends. Our names differ from upstream's because
 // kube-proxy's iptables mode deletes the KUBE-PORTALS-* chains it finds.
@@ -122,6 +125,24 @@ func Render(redirects []Redirect, bind netip.Addr) []byte {
 	}
 	b.WriteString("COMMIT\n*filter\n")
 	fmt.Fprintf(&b, ":%s - [0:0]\n", ChainNodePortNonLocal)
+	// Our listeners bind every address of the node, so a listener port is
+	// reachable from anywhere the node is: a ClusterIP-only Service, or the
+	// DNS stub (an open resolver), straight from another host. Only traffic
+	// that one of our rules redirected may reach it: conntrack marks such
+	// a flow DNAT (REDIRECT is a DNAT to the node's own address), and any
+	// other packet to a listener port is dropped here, before a socket sees
+	// it. The node's own connections to a ClusterIP are redirected in nat
+	// OUTPUT, so they carry the mark too.
+	guarded := map[string]bool{}
+	for _, r := range redirects {
+		key := fmt.Sprintf("%s %d", r.Protocol, r.ToPort)
+		if guarded[key] {
+			continue
+		}
+		guarded[key] = true
+		fmt.Fprintf(&b, "-A %s -p %s -m comment --comment \"kube-userspace-proxy listener: only redirected traffic\" -m %s --dport %d -m conntrack ! --ctstate DNAT -j DROP\n",
+			ChainNodePortNonLocal, r.Protocol, r.Protocol, r.ToPort)
+	}
 	for _, r := range redirects {
 		if r.Kind != NodePort {
 			continue

@@ -30,6 +30,7 @@ type runner interface {
 	Append(table, chain string, rulespec ...string) error
 	DeleteIfExists(table, chain string, rulespec ...string) error
 	ChainExists(table, chain string) (bool, error)
+	NewChain(table, chain string) error
 	ClearAndDeleteChain(table, chain string) error
 }
 
@@ -166,6 +167,26 @@ func (t *Table) Sync(redirects []Redirect) error {
 		}
 		if err := t.ensureJump(j, listed[k]); err != nil {
 			return err
+		}
+	}
+	return nil
+}
+
+// Probe tells whether this table can hold our rules (the kernel has the nat
+// table, iptables works) without changing the rules it already holds: our
+// chains are created empty where they are missing, and left as they are
+// where they exist. A restart must never wipe the rules of the run before
+// it until the new run has its Services to write: until then, those rules
+// lead to where the traffic will be served again (see --mode auto).
+func (t *Table) Probe() error {
+	for _, j := range jumps {
+		chain := j.spec[len(j.spec)-1]
+		ok, err := t.ipt.ChainExists(j.table, chain)
+		if err == nil && !ok {
+			err = t.ipt.NewChain(j.table, chain)
+		}
+		if err != nil {
+			return fmt.Errorf("%s %s table, chain %s: %w", t.family, j.table, chain, err)
 		}
 	}
 	return nil

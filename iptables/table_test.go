@@ -50,6 +50,13 @@ func TestTableInNetns(t *testing.T) {
 				if err != nil {
 					t.Fatal(err)
 				}
+				// Probe on a fresh table makes our chains, and only them.
+				if err := tab.Probe(); err != nil {
+					t.Fatalf("Probe: %v", err)
+				}
+				if got := save(t, backend, family); !strings.Contains(got, ":"+ChainPortalsContainer) || strings.Contains(got, "-j "+ChainPortalsContainer) {
+					t.Errorf("after Probe on a fresh table, want our chain and no jump yet:\n%s", got)
+				}
 				if err := tab.Sync(example); err != nil {
 					t.Fatalf("Sync: %v", err)
 				}
@@ -91,6 +98,15 @@ func TestTableInNetns(t *testing.T) {
 				}
 				if strings.Contains(got, "-A KUP-PORTALS-HOST -j RETURN") {
 					t.Errorf("a foreign rule in our chain survived Sync:\n%s", got)
+				}
+
+				// Probe (as a restart's mode and IPv6 checks do) leaves
+				// what a previous run wrote in place.
+				if err := tab.Probe(); err != nil {
+					t.Fatalf("Probe: %v", err)
+				}
+				if got := save(t, backend, family); !strings.Contains(got, tt.wantRule) {
+					t.Errorf("Probe removed our rules:\n%s", got)
 				}
 
 				for range 2 {

@@ -326,7 +326,7 @@ func newFrontend(cfg *Config, log logrus.FieldLogger, listeners *userspace.Liste
 	case ModeAuto:
 		f, err := newRedirect(cfg, log, listeners, restoreFailures)
 		if err == nil {
-			err = f.v4.table.Sync(nil) // the probe: our nat chains and jumps
+			err = f.v4.table.Probe() // our nat chains, their rules untouched
 		}
 		if err == nil {
 			log.WithField("iptablesBackend", f.v4.table.Backend()).Info("Mode auto chose redirect: the kernel can NAT")
@@ -356,11 +356,12 @@ func newRedirect(cfg *Config, log logrus.FieldLogger, listeners *userspace.Liste
 		return nil, err
 	}
 	f := &redirectFrontend{log: log, listeners: listeners, v4: family{log: log, table: table, failures: restoreFailures}}
-	// IPv6: only where ip6tables can NAT. Creating our chains is the
-	// probe; without it, IPv4 is served all the same.
+	// IPv6: only where ip6tables can NAT. Making sure our chains exist is
+	// the probe (it leaves their rules alone); without it, IPv4 is served
+	// all the same.
 	table6, err := iptables.New(backend, iptables.IPv6, netip.Addr{})
 	if err == nil {
-		err = table6.Sync(nil)
+		err = table6.Probe()
 	}
 	if err != nil {
 		log.WithError(err).Warn("ip6tables cannot NAT here: the IPv6 halves of Services are not served")
