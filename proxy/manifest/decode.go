@@ -105,7 +105,10 @@ func Load(path string) (*Objects, error) {
 	objs := &Objects{}
 	var errs []error
 	for _, f := range files {
-		data, err := os.ReadFile(f)
+		data, err := readWhole(f)
+		if errors.Is(err, ErrBeingWritten) {
+			return nil, fmt.Errorf("read manifests: %s %w", f, err)
+		}
 		if err != nil {
 			errs = append(errs, fmt.Errorf("read manifests: %w", err))
 			continue
