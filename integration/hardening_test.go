@@ -2,10 +2,14 @@ package integration
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -133,4 +137,94 @@ current-context: c
 	if !strings.Contains(after, "-d 10.96.0.11/32") || after != before {
 		t.Errorf("rules after a restart that has not loaded yet:\n%s\nwant those of the run before:\n%s", after, before)
 	}
+}
+
+// TestConnectionFloodLeavesRoom: a proxy with a small open file limit
+// (2048) flooded with connections to one Service resets what is over that
+// port's share, never runs out of descriptors, and still opens a new
+// Service's listener, serves it, and answers /healthz.
+func TestConnectionFloodLeavesRoom(t *testing.T) {
+	ctx := context.Background()
+	l, client, manifest := firstStoryLab(t, "")
+	proxy, err := l.Start(l.Node, "prlimit", "--nofile=2048:2048", tools.Proxy, "--log-format", "json", "-v", "3", "--manifests", manifest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// 2048 descriptors: 1024 reserved, 256 for UDP sessions, 128 TCP
+	// connections, 64 for one service port.
+	budget := logField(t, proxy, "File descriptor budget", nil, "tcpMaxConnections")
+	if budget != "128" {
+		t.Fatalf("TCP connection bound from a limit of 2048 = %s, want 128", budget)
+	}
+	if _, err := proxy.WaitFor(0, 15*time.Second, lab.LogMessage("Synced")); err != nil {
+		t.Fatal(err)
+	}
+
+	const flood = 200
+	var conns []net.Conn
+	defer func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
+	// The ones over the share are reset at once (the reset may even beat
+	// connect's return); the others wait for a request that never comes.
+	var held, reset atomic.Int32
+	for i := range flood {
+		c, err := client.Dial("tcp", "10.96.0.11:80")
+		if errors.Is(err, syscall.ECONNRESET) {
+			reset.Add(1)
+			continue
+		}
+		if err != nil {
+			t.Fatalf("connect %d: %v", i, err)
+		}
+		conns = append(conns, c)
+	}
+	var wg sync.WaitGroup
+	for _, c := range conns {
+		wg.Go(func() {
+			c.SetReadDeadline(time.Now().Add(3 * time.Second))
+			_, err := c.Read(make([]byte, 1))
+			switch {
+			case errors.Is(err, os.ErrDeadlineExceeded):
+				held.Add(1)
+			case errors.Is(err, syscall.ECONNRESET):
+				reset.Add(1)
+			}
+		})
+	}
+	wg.Wait()
+	if held.Load() != 64 || reset.Load() != flood-64 {
+		t.Errorf("of %d connections to one Service: %d held, %d reset; want 64 held (the port's share), %d reset", flood, held.Load(), reset.Load(), flood-64)
+	}
+
+	// A new Service while the flood holds its share.
+	second := strings.Replace(lab.FirstStory().Manifest(), "name: svc-test-1", "name: svc-test-2", 1)
+	second = strings.Replace(second, "clusterIP: 10.96.0.11", "clusterIP: 10.96.0.12", 1)
+	second = strings.Replace(second, "nodePort: 30080", "nodePort: 30082", 1)
+	if !strings.Contains(second, "10.96.0.12") {
+		t.Fatal("could not make a second Service from the story's manifest")
+	}
+	if err := os.WriteFile(manifest, []byte(lab.FirstStory().Manifest()+"---\n"+serviceOnly(second)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	logField(t, proxy, "Added service port", map[string]string{"service": "default/svc-test-2:http"}, "listener")
+	want := lab.FirstStory().Pods[0].Greeting()
+	if got, err := client.Curl(ctx, "http://10.96.0.12/"); err != nil || got != want {
+		t.Errorf("the new Service during the flood: %q, %v; want %q", got, err, want)
+	}
+	if got, err := l.Node.Curl(ctx, "http://127.0.0.1:10256/healthz"); err != nil || !strings.Contains(got, "lastUpdated") {
+		t.Errorf("/healthz during the flood: %q, %v", got, err)
+	}
+}
+
+// serviceOnly keeps the Service document of a story manifest.
+func serviceOnly(manifest string) string {
+	for doc := range strings.SplitSeq(manifest, "\n---\n") {
+		if strings.Contains(doc, "kind: Service") {
+			return doc + "\n"
+		}
+	}
+	return ""
 }

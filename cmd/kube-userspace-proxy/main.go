@@ -50,6 +50,10 @@ type options struct {
 	proxyPortRange   string
 	udpTimeout       time.Duration
 	tcpIdleTimeout   time.Duration
+	tcpMaxConns      int
+	tcpMaxPerPort    int
+	udpMaxSessions   int
+	udpMaxPerPort    int
 	shutdownGrace    time.Duration
 	syncPeriod       time.Duration
 	iptablesBackend  string
@@ -130,6 +134,10 @@ and carries each connection to one of the Service's pods, round robin.`,
 	f.StringVar(&o.proxyPortRange, "proxy-port-range", "", "node ports for our listeners: begin-end, begin+offset, or empty for ports the kernel chooses")
 	f.DurationVar(&o.udpTimeout, "udp-timeout", userspace.DefaultUDPTimeout, "how long an idle UDP session lives; raise it for protocols whose replies come slowly (DNS over slow upstreams, game servers)")
 	f.DurationVar(&o.tcpIdleTimeout, "tcp-idle-timeout", userspace.DefaultTCPIdleTimeout, "reset a proxied TCP connection that has moved no byte either way for this long (0: never); the default is kube-proxy's conntrack timeout for established connections")
+	f.IntVar(&o.tcpMaxConns, "tcp-max-connections", 0, "most proxied TCP connections at once; more are reset (0: what the open file limit leaves after a reserve, logged at start)")
+	f.IntVar(&o.tcpMaxPerPort, "tcp-max-connections-per-service-port", 0, "most proxied TCP connections of one service port, so that a flood of one Service leaves room for the others (0: half of --tcp-max-connections)")
+	f.IntVar(&o.udpMaxSessions, "udp-max-sessions", 0, "most UDP sessions on the node; a port over its share evicts its least recently used (0: a quarter of what the open file limit leaves, at most 16384)")
+	f.IntVar(&o.udpMaxPerPort, "udp-max-sessions-per-service-port", userspace.DefaultUDPMaxSessionsPerPort, "most UDP sessions of one service port; a new client evicts the least recently used")
 	f.DurationVar(&o.shutdownGrace, "shutdown-grace-period", proxy.DefaultShutdownGracePeriod, "on SIGTERM, how long established connections may go on finishing before the rest are reset; keep it below the pod's terminationGracePeriodSeconds")
 	f.DurationVar(&o.syncPeriod, "iptables-sync-period", 30*time.Second, "how often everything is applied again even without a change, putting back rules someone else deleted")
 	f.StringVar(&o.mode, "mode", proxy.ModeRedirect, "how Service traffic reaches the listeners: redirect (iptables REDIRECT), bind (Service IPs made local, no netfilter at all), or auto (redirect if the kernel can NAT, else bind)")
@@ -215,6 +223,12 @@ func (o *options) config(log logrus.FieldLogger) (proxy.Config, error) {
 	}
 	if o.tcpIdleTimeout < 0 {
 		errs = append(errs, fmt.Errorf("--tcp-idle-timeout %s: must be 0 (never) or more", o.tcpIdleTimeout))
+	}
+	if o.tcpMaxPerPort < 0 {
+		errs = append(errs, fmt.Errorf("--tcp-max-connections-per-service-port %d: want 0 (half of --tcp-max-connections) or more", o.tcpMaxPerPort))
+	}
+	if o.tcpMaxConns < 0 || o.udpMaxSessions < 0 || o.udpMaxPerPort <= 0 {
+		errs = append(errs, fmt.Errorf("--tcp-max-connections %d, --udp-max-sessions %d, --udp-max-sessions-per-service-port %d: want 0 (from the open file limit) or more, and more than 0 per port", o.tcpMaxConns, o.udpMaxSessions, o.udpMaxPerPort))
 	}
 	if o.shutdownGrace < 0 {
 		errs = append(errs, fmt.Errorf("--shutdown-grace-period %s: must be 0 (reset at once) or more", o.shutdownGrace))
@@ -308,14 +322,44 @@ func (o *options) config(log logrus.FieldLogger) (proxy.Config, error) {
 	if len(errs) > 0 {
 		return proxy.Config{}, errors.Join(errs...)
 	}
+	// The DNS stub's own bounds: its TCP connections and the queries it
+	// forwards, a socket each.
+	dnsFDs := 0
+	if clusterDNS.IsValid() {
+		dnsFDs = 2000
+	}
+	budget, err := userspace.NewFDBudget(dnsFDs)
+	if err != nil {
+		return proxy.Config{}, err
+	}
+	tcpMax, udpMax := o.tcpMaxConns, o.udpMaxSessions
+	if tcpMax == 0 {
+		tcpMax = budget.TCPConnections
+	}
+	if udpMax == 0 {
+		udpMax = budget.UDPSessions
+	}
+	if tcpMax == 0 || udpMax == 0 {
+		return proxy.Config{}, fmt.Errorf("the open file limit (%d) leaves nothing for connections after a reserve of %d: raise it (ulimit -n, LimitNOFILE) or set --tcp-max-connections and --udp-max-sessions", budget.Limit, budget.Reserve)
+	}
+	fields := logrus.Fields{"openFileLimit": budget.Limit, "reserve": budget.Reserve, "dnsStub": budget.Other, "tcpMaxConnections": tcpMax, "udpMaxSessions": udpMax}
+	if !budget.Fits(tcpMax, udpMax) {
+		log.WithFields(fields).Warn("File descriptor budget: these bounds can take more descriptors than the open file limit leaves; a flood could starve new listeners and API reconnects")
+	} else {
+		log.WithFields(fields).Info("File descriptor budget")
+	}
 	return proxy.Config{
 		Manifests: o.manifests,
 		Listeners: userspace.Config{
-			BindAddress:    bind,
-			Ports:          ports,
-			UDPTimeout:     o.udpTimeout,
-			TCPIdleTimeout: o.tcpIdleTimeout,
-			Log:            log,
+			BindAddress:              bind,
+			Ports:                    ports,
+			UDPTimeout:               o.udpTimeout,
+			TCPIdleTimeout:           o.tcpIdleTimeout,
+			TCPMaxConnections:        tcpMax,
+			TCPMaxConnectionsPerPort: o.tcpMaxPerPort,
+			UDPMaxSessions:           udpMax,
+			UDPMaxSessionsPerPort:    o.udpMaxPerPort,
+			Log:                      log,
 		},
 		ShutdownGracePeriod: o.shutdownGrace,
 		Kubernetes:          client,

@@ -8,6 +8,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
 // How a connection ends must reach the other side as it happened: a reset
@@ -265,5 +267,58 @@ func waitRefused(t *testing.T, addr string) {
 			t.Fatalf("connect to %s after Shutdown: %v; want ECONNREFUSED", addr, err)
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// TestTCPConnectionsBounded: beyond TCPMaxConnections a new connection is
+// reset at once; a place given back takes a new one again.
+func TestTCPConnectionsBounded(t *testing.T) {
+	m, _ := NewMetrics(nil)
+	ls := newSet(t, Config{TCPMaxConnections: 2, TCPMaxConnectionsPerPort: 2, Metrics: m})
+	addr := listen(t, ls, snap(t, tcpPort(backend(t, echo))), tcpPort().Key())
+	held := []*net.TCPConn{dialTCP(t, addr), dialTCP(t, addr)}
+	for _, c := range held {
+		exchangeTCP(t, c, "in")
+	}
+	over := dialTCP(t, addr) // the kernel completes the handshake; we reset
+	if _, err := readUntilError(over); !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("a third connection over a bound of 2 ended with %v; want ECONNRESET", err)
+	}
+	if got := testutil.ToFloat64(m.forProtocol("TCP").overLimit); got != 1 {
+		t.Errorf("connections_total{result=over_limit} = %v, want 1", got)
+	}
+	held[0].Close()
+	waitFor(t, func() bool { return ls.tcpConns.Load() == 1 })
+	if got := exchangeTCP(t, dialTCP(t, addr), "again"); got != "again" {
+		t.Errorf("after a place was given back: %q", got)
+	}
+}
+
+// TestFDBudget: the reserve is kept whatever the limit, and what peers may
+// take fits in the rest.
+func TestFDBudget(t *testing.T) {
+	for _, tt := range []struct{ limit, other, reserve, udp, tcp int }{
+		{1 << 20, 2000, 1 << 18, DefaultUDPMaxSessions, (1<<20 - 1<<18 - 2000 - DefaultUDPMaxSessions) / 6},
+		{20000, 0, 5000, 3750, 1875},
+		{2048, 0, 1024, 256, 128},
+		{1024, 0, 1024, 0, 0},
+	} {
+		b := budgetFor(tt.limit, tt.other)
+		if b.Reserve != tt.reserve || b.UDPSessions != tt.udp || b.TCPConnections != tt.tcp {
+			t.Errorf("budgetFor(%d, %d) = %+v; want reserve %d, udp %d, tcp %d", tt.limit, tt.other, b, tt.reserve, tt.udp, tt.tcp)
+		}
+		if !b.Fits(b.TCPConnections, b.UDPSessions) || b.Fits(b.TCPConnections+1, b.UDPSessions+6) {
+			t.Errorf("budgetFor(%d, %d): its own bounds do not fit exactly", tt.limit, tt.other)
+		}
+	}
+}
+
+// waitFor waits up to 10s for cond.
+func waitFor(t *testing.T, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); !cond(); time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("condition not met within 10s")
+		}
 	}
 }

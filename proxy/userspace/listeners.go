@@ -17,6 +17,7 @@ import (
 	"net/netip"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -47,6 +48,27 @@ type Config struct {
 	// flowing is never cut. Zero means one minute, like Linux's
 	// tcp_fin_timeout.
 	HalfCloseTimeout time.Duration
+	// UDPMaxSessions bounds the UDP sessions of the whole node
+	// (--udp-max-sessions); UDPMaxSessionsPerPort those of one service
+	// port (--udp-max-sessions-per-service-port). Each session holds a
+	// socket, and UDP sources can be spoofed, so without a bound one
+	// client could make the proxy hold any number. When a port is full,
+	// its least recently used session is evicted to make room; when the
+	// node is full, a port with no session of its own to give up drops
+	// the new client's datagram. Zero means DefaultUDPMaxSessions and
+	// DefaultUDPMaxSessionsPerPort.
+	UDPMaxSessions, UDPMaxSessionsPerPort int
+	// TCPMaxConnections bounds the proxied TCP connections of the node,
+	// those being dialed included (--tcp-max-connections). Beyond it a new
+	// connection is reset at once and counted, so that a flood cannot
+	// take the descriptors every other part needs (see FDBudget). Zero
+	// means no bound; the command always sets one.
+	TCPMaxConnections int
+	// TCPMaxConnectionsPerPort bounds those of one service port
+	// (--tcp-max-connections-per-service-port), so that a flood of one
+	// Service (a NodePort open to the world) leaves room for the others.
+	// Zero means half of TCPMaxConnections.
+	TCPMaxConnectionsPerPort int
 	// TCPIdleTimeout ends a proxied TCP connection that has moved no byte
 	// either way for this long (--tcp-idle-timeout), with a reset to both
 	// peers. Zero means never; the flag's default is DefaultTCPIdleTimeout.
@@ -65,6 +87,26 @@ type Config struct {
 
 // DefaultUDPTimeout is upstream's --udp-timeout default.
 const DefaultUDPTimeout = 250 * time.Millisecond
+
+// Defaults of the UDP session bounds: see Config.UDPMaxSessions.
+const (
+	DefaultUDPMaxSessions        = 16384
+	DefaultUDPMaxSessionsPerPort = 4096
+)
+
+func (c *Config) udpMaxSessions() int {
+	if c.UDPMaxSessions > 0 {
+		return c.UDPMaxSessions
+	}
+	return DefaultUDPMaxSessions
+}
+
+func (c *Config) udpMaxSessionsPerPort() int {
+	if c.UDPMaxSessionsPerPort > 0 {
+		return c.UDPMaxSessionsPerPort
+	}
+	return DefaultUDPMaxSessionsPerPort
+}
 
 // DefaultTCPIdleTimeout is --tcp-idle-timeout's default: kube-proxy's
 // conntrack timeout for established TCP (--conntrack-tcp-timeout-established),
@@ -136,6 +178,35 @@ type Listeners struct {
 	wg      sync.WaitGroup // every goroutine the set started
 
 	wantedBinds map[service.Key]map[netip.AddrPort]bool // the sockets the last Sync named
+
+	udpSessions atomic.Int64 // UDP sessions of every socket, against Config.UDPMaxSessions
+	tcpConns    atomic.Int64 // TCP connections accepted and not yet ended, against Config.TCPMaxConnections
+}
+
+// admitTCP takes a place for one more proxied TCP connection of l, in l's
+// share and the node's, or reports that none is left. A place taken is
+// given back with releaseTCP.
+func (ls *Listeners) admitTCP(l *portListener) bool {
+	nodeMax := int64(ls.cfg.TCPMaxConnections)
+	portMax := int64(ls.cfg.TCPMaxConnectionsPerPort)
+	if portMax <= 0 {
+		portMax = nodeMax / 2
+	}
+	if n := l.conns.Add(1); portMax > 0 && n > portMax {
+		l.conns.Add(-1)
+		return false
+	}
+	if n := ls.tcpConns.Add(1); nodeMax > 0 && n > nodeMax {
+		ls.tcpConns.Add(-1)
+		l.conns.Add(-1)
+		return false
+	}
+	return true
+}
+
+func (ls *Listeners) releaseTCP(l *portListener) {
+	ls.tcpConns.Add(-1)
+	l.conns.Add(-1)
 }
 
 // Binds says where the sockets of a service port's listener go. An address
@@ -154,6 +225,7 @@ type portListener struct {
 	log     logrus.FieldLogger
 	m       *protoMetrics
 	sockets map[netip.AddrPort]socket // by the address asked for
+	conns   atomic.Int64              // TCP connections accepted and not yet ended
 }
 
 // socket is one bound socket of a listener, TCP or UDP.

@@ -16,6 +16,8 @@ type Metrics struct {
 	dialErrors  *prometheus.CounterVec // protocol
 	dialRetries *prometheus.CounterVec // protocol
 	expired     prometheus.Counter     // UDP sessions that timed out
+	evicted     prometheus.Counter     // UDP sessions evicted to make room
+	refused     prometheus.Counter     // UDP sessions not made: the node was full
 	sockets     *prometheus.GaugeVec   // protocol
 	acceptErrs  *prometheus.CounterVec // protocol
 }
@@ -25,6 +27,7 @@ const (
 	resultOK          = "ok"
 	resultNoEndpoints = "no_endpoints"
 	resultDialError   = "dial_error"
+	resultOverLimit   = "over_limit"
 )
 
 // NewMetrics makes the listeners' metrics and registers them with reg
@@ -33,7 +36,7 @@ func NewMetrics(reg prometheus.Registerer) (*Metrics, error) {
 	const ns = "kube_userspace_proxy"
 	m := &Metrics{
 		connections: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "connections_total",
-			Help: "Connections (TCP) and sessions (UDP) accepted, by result: ok, no_endpoints (refused), dial_error (no endpoint answered)."}, []string{"protocol", "result"}),
+			Help: "Connections (TCP) and sessions (UDP) accepted, by result: ok, no_endpoints (refused), dial_error (no endpoint answered), over_limit (reset: --tcp-max-connections reached)."}, []string{"protocol", "result"}),
 		active: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Name: "active_connections",
 			Help: "Proxied TCP connections and UDP sessions open now."}, []string{"protocol"}),
 		bytes: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "bytes_total",
@@ -44,13 +47,17 @@ func NewMetrics(reg prometheus.Registerer) (*Metrics, error) {
 			Help: "Attempts made on the next endpoint after one failed (failover)."}, []string{"protocol"}),
 		expired: prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Name: "udp_sessions_expired_total",
 			Help: "UDP sessions ended by the idle timeout."}),
+		evicted: prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Name: "udp_sessions_evicted_total",
+			Help: "UDP sessions ended to make room for a new client: the service port or the node had reached its --udp-max-sessions bound."}),
+		refused: prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Name: "udp_sessions_refused_total",
+			Help: "UDP datagrams from new clients dropped because the node had reached --udp-max-sessions and their service port had no session to give up."}),
 		sockets: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Name: "listeners",
 			Help: "Listening sockets open for Service traffic."}, []string{"protocol"}),
 		acceptErrs: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "listener_errors_total",
 			Help: "Accept and read errors on listening sockets (such as too many open files); each is retried after a backoff."}, []string{"protocol"}),
 	}
 	if reg != nil {
-		for _, c := range []prometheus.Collector{m.connections, m.active, m.bytes, m.dialErrors, m.dialRetries, m.expired, m.sockets, m.acceptErrs} {
+		for _, c := range []prometheus.Collector{m.connections, m.active, m.bytes, m.dialErrors, m.dialRetries, m.expired, m.evicted, m.refused, m.sockets, m.acceptErrs} {
 			if err := reg.Register(c); err != nil {
 				return nil, err
 			}
@@ -63,12 +70,13 @@ func NewMetrics(reg prometheus.Registerer) (*Metrics, error) {
 // path only does atomic adds.
 type protoMetrics struct {
 	ok, noEndpoints, dialError prometheus.Counter
+	overLimit                  prometheus.Counter
 	active                     prometheus.Gauge
 	toBackend, fromBackend     prometheus.Counter
 	dialErrors, dialRetries    prometheus.Counter
 	sockets                    prometheus.Gauge
 	acceptErrs                 prometheus.Counter
-	expired                    prometheus.Counter
+	expired, evicted, refused  prometheus.Counter
 }
 
 func (m *Metrics) forProtocol(p service.Protocol) *protoMetrics {
@@ -77,6 +85,7 @@ func (m *Metrics) forProtocol(p service.Protocol) *protoMetrics {
 		ok:          m.connections.WithLabelValues(l, resultOK),
 		noEndpoints: m.connections.WithLabelValues(l, resultNoEndpoints),
 		dialError:   m.connections.WithLabelValues(l, resultDialError),
+		overLimit:   m.connections.WithLabelValues(l, resultOverLimit),
 		active:      m.active.WithLabelValues(l),
 		toBackend:   m.bytes.WithLabelValues(l, "to_backend"),
 		fromBackend: m.bytes.WithLabelValues(l, "from_backend"),
@@ -85,5 +94,7 @@ func (m *Metrics) forProtocol(p service.Protocol) *protoMetrics {
 		sockets:     m.sockets.WithLabelValues(l),
 		acceptErrs:  m.acceptErrs.WithLabelValues(l),
 		expired:     m.expired,
+		evicted:     m.evicted,
+		refused:     m.refused,
 	}
 }

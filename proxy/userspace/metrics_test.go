@@ -59,11 +59,12 @@ func TestMetricsCount(t *testing.T) {
 		time.Sleep(5 * time.Millisecond)
 	}
 	want := `
-# HELP kube_userspace_proxy_connections_total Connections (TCP) and sessions (UDP) accepted, by result: ok, no_endpoints (refused), dial_error (no endpoint answered).
+# HELP kube_userspace_proxy_connections_total Connections (TCP) and sessions (UDP) accepted, by result: ok, no_endpoints (refused), dial_error (no endpoint answered), over_limit (reset: --tcp-max-connections reached).
 # TYPE kube_userspace_proxy_connections_total counter
 kube_userspace_proxy_connections_total{protocol="TCP",result="dial_error"} 0
 kube_userspace_proxy_connections_total{protocol="TCP",result="no_endpoints"} 1
 kube_userspace_proxy_connections_total{protocol="TCP",result="ok"} 2
+kube_userspace_proxy_connections_total{protocol="TCP",result="over_limit"} 0
 # HELP kube_userspace_proxy_bytes_total Bytes carried, by direction: to_backend (client to pod) or from_backend.
 # TYPE kube_userspace_proxy_bytes_total counter
 kube_userspace_proxy_bytes_total{direction="from_backend",protocol="TCP"} 10

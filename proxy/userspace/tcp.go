@@ -62,7 +62,18 @@ func (s *tcpSocket) serve() {
 			continue
 		}
 		failures = 0
-		s.l.set.goroutine(func() { s.l.handle(c) })
+		if !s.l.set.admitTCP(s.l) {
+			// Over --tcp-max-connections (the node's or this port's
+			// share): refuse with a reset at once, holding nothing.
+			c.SetLinger(0)
+			c.Close()
+			s.l.m.overLimit.Inc()
+			continue
+		}
+		s.l.set.goroutine(func() {
+			defer s.l.set.releaseTCP(s.l)
+			s.l.handle(c)
+		})
 	}
 }
 

@@ -1,6 +1,7 @@
 package userspace
 
 import (
+	"container/list"
 	"context"
 	"errors"
 	"net"
@@ -11,6 +12,7 @@ import (
 	"time"
 
 	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
 
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/balancer"
 )
@@ -18,6 +20,12 @@ import (
 // maxDatagram is the largest UDP payload over IPv4. Upstream read into 4 KiB
 // buffers and silently truncated larger datagrams (kubernetes#47659).
 const maxDatagram = 64 * 1024
+
+// replyBuffers lend a maxDatagram buffer to a session for as long as it
+// relays a burst of replies, and take it back when its socket is drained:
+// an idle session holds no buffer (a buffer each made an idle session cost
+// 129 KiB, so that spoofed sources could exhaust the node's memory).
+var replyBuffers = sync.Pool{New: func() any { b := make([]byte, maxDatagram); return &b }}
 
 // udpSocket serves one UDP service port at one address. UDP has no
 // connections, so the
@@ -36,6 +44,7 @@ type udpSocket struct {
 
 	mu       sync.Mutex
 	sessions map[netip.AddrPort]*udpSession
+	lru      list.List // of *udpSession, the one the client used least recently first
 	closed   bool
 }
 
@@ -45,8 +54,9 @@ type udpSession struct {
 	local    netip.Addr // the address the client sent to: replies come from it
 	oob      []byte     // the IP_PKTINFO / IPV6_PKTINFO control message that says so
 	endpoint netip.AddrPort
-	backend  *net.UDPConn // connected to endpoint
-	last     atomic.Int64 // unix nanoseconds of the last datagram either way
+	backend  *net.UDPConn  // connected to endpoint
+	last     atomic.Int64  // unix nanoseconds of the last datagram either way
+	elem     *list.Element // in udpSocket.lru; nil once removed
 }
 
 func (s *udpSession) touch() { s.last.Store(time.Now().UnixNano()) }
@@ -91,10 +101,9 @@ func (u *udpSocket) addr() netip.AddrPort { return u.pc.LocalAddr().(*net.UDPAdd
 func (u *udpSocket) endpointsChanged() {
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	for client, s := range u.sessions {
+	for _, s := range u.sessions {
 		if !u.bal.Has(s.endpoint) {
-			s.backend.Close() // its reader sees the error and cleans up
-			delete(u.sessions, client)
+			u.remove(s) // its reader sees the error and returns
 		}
 	}
 }
@@ -106,10 +115,48 @@ func (u *udpSocket) close() {
 	defer u.mu.Unlock()
 	u.closed = true
 	u.pc.Close()
-	for client, s := range u.sessions {
-		s.backend.Close()
-		delete(u.sessions, client)
+	for _, s := range u.sessions {
+		u.remove(s)
 	}
+}
+
+// remove takes s out of the socket's sessions, gives back its place in the
+// node's budget and closes its backend socket. u.mu is held; s is present.
+func (u *udpSocket) remove(s *udpSession) {
+	delete(u.sessions, s.client)
+	u.lru.Remove(s.elem)
+	s.elem = nil
+	u.set.udpSessions.Add(-1)
+	s.backend.Close()
+}
+
+// makeRoom makes room for one more session, within the per-port cap and
+// the node-wide one, evicting this port's least recently used session when
+// either is reached. It reports false when the node-wide cap is reached
+// and this port has no session to give up. u.mu is held.
+func (u *udpSocket) makeRoom() bool {
+	cfg := &u.set.cfg
+	if len(u.sessions) >= cfg.udpMaxSessionsPerPort() {
+		u.evictOldest()
+	}
+	for {
+		n := u.set.udpSessions.Load()
+		if n < int64(cfg.udpMaxSessions()) {
+			if u.set.udpSessions.CompareAndSwap(n, n+1) {
+				return true
+			}
+			continue
+		}
+		if u.lru.Len() == 0 {
+			return false
+		}
+		u.evictOldest()
+	}
+}
+
+func (u *udpSocket) evictOldest() {
+	u.remove(u.lru.Front().Value.(*udpSession))
+	u.m.evicted.Inc()
 }
 
 // Sessions is the number of live UDP sessions of the socket.
@@ -167,11 +214,27 @@ func (u *udpSocket) forward(client netip.AddrPort, local netip.Addr, b []byte) {
 func (u *udpSocket) session(client netip.AddrPort, local netip.Addr) *udpSession {
 	u.mu.Lock()
 	s, ok := u.sessions[client]
+	if ok {
+		u.lru.MoveToBack(s.elem)
+	}
 	closed := u.closed
+	// A new client needs room first, so that a flood of new sources
+	// costs no socket once the node is full.
+	room := !ok && !closed && u.makeRoom()
 	u.mu.Unlock()
 	if ok || closed {
 		return s
 	}
+	if !room {
+		u.m.refused.Inc()
+		return nil
+	}
+	made := false
+	defer func() {
+		if !made {
+			u.set.udpSessions.Add(-1) // the room taken goes back
+		}
+	}()
 	choice := u.bal.Pick(client.Addr())
 	if choice.Len() == 0 {
 		u.m.noEndpoints.Inc()
@@ -210,7 +273,9 @@ func (u *udpSocket) session(client netip.AddrPort, local netip.Addr) *udpSession
 		backend.Close()
 		return nil
 	}
+	made = true
 	u.sessions[client] = s
+	s.elem = u.lru.PushBack(s)
 	u.m.ok.Inc()
 	u.m.active.Inc()
 	u.set.goroutine(func() {
@@ -223,24 +288,32 @@ func (u *udpSocket) session(client netip.AddrPort, local netip.Addr) *udpSession
 // end removes s if it is still client's session, and closes it.
 func (u *udpSocket) end(s *udpSession) {
 	u.mu.Lock()
-	if u.sessions[s.client] == s {
-		delete(u.sessions, s.client)
+	defer u.mu.Unlock()
+	if s.elem != nil {
+		u.remove(s)
 	}
-	u.mu.Unlock()
-	s.backend.Close()
 }
 
 // replies carries the endpoint's datagrams back to the client until the
-// session has been idle for the UDP timeout or its socket is closed.
+// session has been idle for the UDP timeout or its socket is closed. While
+// it waits it holds no buffer: it parks in the runtime's poller until the
+// socket is readable, and only then borrows one (see relay).
 func (u *udpSocket) replies(s *udpSession) {
 	defer u.end(s)
 	timeout := u.set.cfg.udpTimeout()
-	buf := make([]byte, maxDatagram)
+	rc, err := s.backend.SyscallConn()
+	if err != nil {
+		return
+	}
 	// The read deadline is moved only when it fires, not for every
 	// datagram: it costs a timer update, and most sessions are busy.
 	s.backend.SetReadDeadline(time.Unix(0, s.last.Load()).Add(timeout))
 	for {
-		n, err := s.backend.Read(buf)
+		var relayErr error
+		err := rc.Read(func(fd uintptr) bool {
+			relayErr = u.relay(s, int(fd))
+			return relayErr != nil // nil: drained, wait for more
+		})
 		if errors.Is(err, os.ErrDeadlineExceeded) {
 			last := time.Unix(0, s.last.Load())
 			if time.Since(last) < timeout {
@@ -250,17 +323,38 @@ func (u *udpSocket) replies(s *udpSession) {
 			u.m.expired.Inc()
 			return
 		}
-		if err != nil {
-			// Closed by update or close, or ECONNREFUSED: the endpoint
-			// answered with ICMP port unreachable. Either way the next
-			// datagram from the client starts a new session.
+		if err != nil || relayErr != nil {
+			// Closed by an update, an eviction or close, or
+			// ECONNREFUSED: the endpoint answered with ICMP port
+			// unreachable. Either way the next datagram from the
+			// client starts a new session.
 			return
+		}
+	}
+}
+
+// relay sends every datagram waiting on the session's socket fd to the
+// client, through one pooled buffer, and returns nil once the socket is
+// drained, or the error that ends the session.
+func (u *udpSocket) relay(s *udpSession, fd int) error {
+	bp := replyBuffers.Get().(*[]byte)
+	defer replyBuffers.Put(bp)
+	buf := *bp
+	for {
+		n, err := unix.Read(fd, buf)
+		switch {
+		case err == unix.EAGAIN:
+			return nil
+		case err == unix.EINTR:
+			continue
+		case err != nil:
+			return err
 		}
 		s.touch()
 		u.m.fromBackend.Add(float64(n))
 		if _, _, err := u.pc.WriteMsgUDPAddrPort(buf[:n], s.oob, s.client); err != nil {
 			if errors.Is(err, net.ErrClosed) {
-				return
+				return err
 			}
 			u.log.WithError(err).WithField("client", s.client).Debug("UDP reply not delivered")
 		}

@@ -2,6 +2,7 @@ package userspace
 
 import (
 	"bytes"
+	"fmt"
 	"net"
 	"net/netip"
 	"sync"
@@ -198,4 +199,91 @@ func TestUDPNoEndpointsThenSome(t *testing.T) {
 	if got := exchange(t, c, []byte("now")); got != "a" {
 		t.Errorf("answered by %q, want a", got)
 	}
+}
+
+// TestUDPSessionsBoundedPerPort: a service port holds at most
+// UDPMaxSessionsPerPort sessions; a new client evicts the one used least
+// recently, and every client is still answered.
+func TestUDPSessionsBoundedPerPort(t *testing.T) {
+	m, _ := NewMetrics(nil)
+	ls := newSet(t, Config{UDPTimeout: time.Minute, UDPMaxSessionsPerPort: 3, Metrics: m})
+	addr := listen(t, ls, snap(t, udpPort(udpBackend(t, "a"))), udpPort().Key())
+	var clients []net.Conn
+	for i := range 5 {
+		c := dialUDP(t, addr)
+		clients = append(clients, c)
+		if got := exchange(t, c, []byte("hello")); got != "a" {
+			t.Fatalf("client %d answered by %q", i, got)
+		}
+		if i > 0 {
+			exchange(t, clients[0], []byte("still here")) // client 0 keeps being the most recent
+		}
+	}
+	if got := udpSessions(ls, udpPort().Key()); got != 3 {
+		t.Errorf("sessions = %d, want the cap, 3", got)
+	}
+	if got := testutil.ToFloat64(m.evicted); got != 2 {
+		t.Errorf("udp_sessions_evicted_total = %v, want 2", got)
+	}
+	// Clients 1 and 2 were the least recently used: evicted. Client 0
+	// still has its session; an evicted client gets a new one.
+	if got := udpSessionClients(ls, udpPort().Key()); !got[clients[0].LocalAddr().String()] || got[clients[1].LocalAddr().String()] || got[clients[2].LocalAddr().String()] {
+		t.Errorf("sessions after eviction belong to %v; want client 0 kept, 1 and 2 evicted", got)
+	}
+	if got := exchange(t, clients[1], []byte("back")); got != "a" {
+		t.Errorf("an evicted client's next datagram answered by %q", got)
+	}
+}
+
+// TestUDPSessionsBoundedOnTheNode: once the node holds UDPMaxSessions, a
+// new client of a port without sessions of its own is refused (its
+// datagram dropped and counted), while a port with sessions gives up its
+// oldest.
+func TestUDPSessionsBoundedOnTheNode(t *testing.T) {
+	m, _ := NewMetrics(nil)
+	ls := newSet(t, Config{UDPTimeout: time.Minute, UDPMaxSessions: 2, Metrics: m})
+	other := udpPort(udpBackend(t, "b"))
+	other.Name.Name, other.Port = "other", 54
+	bound, err := ls.Sync(snap(t, udpPort(udpBackend(t, "a")), other), ls.RedirectBinds)
+	if err != nil {
+		t.Fatal(err)
+	}
+	at := func(p service.Port) string { return fmt.Sprintf("127.0.0.1:%d", bound[p.Key()][0].Port()) }
+	for range 2 {
+		exchange(t, dialUDP(t, at(udpPort())), []byte("fill"))
+	}
+	c := dialUDP(t, at(other))
+	c.Write([]byte("no room"))
+	c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+	if n, err := c.Read(make([]byte, 100)); err == nil {
+		t.Fatalf("a new client of a port with no session answered (%d bytes) on a full node", n)
+	}
+	if got := testutil.ToFloat64(m.refused); got != 1 {
+		t.Errorf("udp_sessions_refused_total = %v, want 1", got)
+	}
+	if got := exchange(t, dialUDP(t, at(udpPort())), []byte("third")); got != "a" {
+		t.Errorf("a third client of the full port answered by %q", got)
+	}
+	if got := testutil.ToFloat64(m.evicted); got != 1 {
+		t.Errorf("udp_sessions_evicted_total = %v, want 1", got)
+	}
+	if n := ls.udpSessions.Load(); n != 2 {
+		t.Errorf("node's session count = %d, want 2", n)
+	}
+}
+
+// udpSessionClients lists the client addresses with a session on k.
+func udpSessionClients(ls *Listeners, k service.Key) map[string]bool {
+	ls.mu.Lock()
+	defer ls.mu.Unlock()
+	out := map[string]bool{}
+	for _, sock := range ls.active[k].sockets {
+		u := sock.(*udpSocket)
+		u.mu.Lock()
+		for client := range u.sessions {
+			out[client.String()] = true
+		}
+		u.mu.Unlock()
+	}
+	return out
 }
