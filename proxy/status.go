@@ -13,6 +13,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/sirupsen/logrus"
+	"golang.org/x/net/netutil"
 )
 
 // ProxyModeName is what /proxyMode answers for each mode. kube-proxy answers
@@ -48,9 +49,32 @@ func serveStatus(ctx context.Context, addr, mode string, reg *prometheus.Registr
 	return serveHTTP(ctx, ln, mux)
 }
 
-// serveHTTP serves h on ln until ctx is done.
+// httpLimits bound what one peer can make the health and metrics servers
+// hold. /healthz listens on every node address (kubelet and load balancers
+// probe it), so anyone who can reach the node can open connections to it:
+// without bounds, 300 idle keep-alive connections from off the node held
+// 300 descriptors forever.
+type httpLimits struct {
+	connections int           // served at once; more wait in the kernel's queue
+	header      time.Duration // to send the request headers
+	read        time.Duration // to send the whole request
+	write       time.Duration // to take the whole reply (a 30s CPU profile fits)
+	idle        time.Duration // a keep-alive connection may wait for its next request
+	headerBytes int
+}
+
+var defaultHTTPLimits = httpLimits{connections: 64, header: 5 * time.Second, read: 10 * time.Second,
+	write: 2 * time.Minute, idle: 5 * time.Second, headerBytes: 16 << 10}
+
+// serveHTTP serves h on ln until ctx is done, within defaultHTTPLimits.
 func serveHTTP(ctx context.Context, ln net.Listener, h http.Handler) error {
-	srv := &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second}
+	return serveHTTPWithin(ctx, ln, h, defaultHTTPLimits)
+}
+
+func serveHTTPWithin(ctx context.Context, ln net.Listener, h http.Handler, lim httpLimits) error {
+	ln = netutil.LimitListener(ln, lim.connections)
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: lim.header, ReadTimeout: lim.read,
+		WriteTimeout: lim.write, IdleTimeout: lim.idle, MaxHeaderBytes: lim.headerBytes}
 	stop := context.AfterFunc(ctx, func() { srv.Close() })
 	defer stop()
 	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
