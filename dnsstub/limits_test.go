@@ -10,6 +10,8 @@ import (
 	"github.com/miekg/dns"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/internal/logthrottle"
 )
 
 // silentUpstream is a UDP server that reads queries and never answers. Each
@@ -149,6 +151,7 @@ func TestAcceptBacksOff(t *testing.T) {
 	l := &patientListener{
 		Listener: &failingListener{err: &net.OpError{Op: "accept", Err: syscall.EMFILE}, n: 10, conn: a},
 		log:      nopLog(),
+		throttle: logthrottle.New(time.Second),
 		sleep:    func(d time.Duration) { slept = append(slept, d) },
 	}
 	c, err := l.Accept()
@@ -167,7 +170,7 @@ func TestAcceptBacksOff(t *testing.T) {
 			t.Fatalf("backoffs = %v, want %v", slept, want)
 		}
 	}
-	closed := &patientListener{Listener: &failingListener{err: net.ErrClosed, n: 1}, log: nopLog()}
+	closed := &patientListener{Listener: &failingListener{err: net.ErrClosed, n: 1}, log: nopLog(), throttle: logthrottle.New(time.Second)}
 	if _, err := closed.Accept(); !errors.Is(err, net.ErrClosed) {
 		t.Errorf("Accept on a closed listener = %v, want net.ErrClosed", err)
 	}

@@ -13,6 +13,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/sirupsen/logrus"
 	"golang.org/x/net/netutil"
+
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/internal/logthrottle"
 )
 
 // Config says what the stub answers and where it forwards the rest. Zero
@@ -118,7 +120,7 @@ func (s *Server) Serve(ctx context.Context, pc net.PacketConn, ln net.Listener) 
 		// spinning a core, and returns on any other, which would stop the
 		// whole proxy: our listener backs off and never fails but for
 		// being closed, and serves a bounded number of connections.
-		ln = netutil.LimitListener(&patientListener{Listener: ln, log: s.log}, s.cfg.MaxTCPConnections)
+		ln = netutil.LimitListener(&patientListener{Listener: ln, log: s.log, throttle: logthrottle.New(5 * time.Second)}, s.cfg.MaxTCPConnections)
 		servers = append(servers, &dns.Server{Listener: ln, Handler: s, MaxTCPQueries: -1, IdleTimeout: func() time.Duration { return 10 * time.Second }})
 	}
 	errc := make(chan error, len(servers))
@@ -274,10 +276,11 @@ func (s *Server) chase(r *dns.Msg, z *Zone, target string, qtype uint16) []dns.R
 // patientListener is a net.Listener whose Accept never fails but for the
 // listener being closed: any other error (too many open files, a connection
 // reset before it was accepted) is retried after a backoff, from 5ms
-// doubling to 1s, and logged at most once a backoff.
+// doubling to 1s, and logged at most once every 5s.
 type patientListener struct {
 	net.Listener
-	log logrus.FieldLogger
+	log      logrus.FieldLogger
+	throttle *logthrottle.Throttle
 	// sleep waits d; nil means time.Sleep.
 	sleep func(d time.Duration)
 }
@@ -289,7 +292,7 @@ func (l *patientListener) Accept() (net.Conn, error) {
 			return c, err
 		}
 		d := min(5*time.Millisecond<<min(failures, 8), time.Second)
-		l.log.WithError(err).WithField("retryIn", d).Warn("DNS stub: TCP accept failed; backing off")
+		l.throttle.Log(l.log.WithError(err).WithField("retryIn", d), func(e *logrus.Entry) { e.Warn("DNS stub: TCP accept failed; backing off") })
 		if l.sleep != nil {
 			l.sleep(d)
 		} else {

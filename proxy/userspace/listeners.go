@@ -24,6 +24,7 @@ import (
 	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
 
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/internal/logthrottle"
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/balancer"
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/portalloc"
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/service"
@@ -108,6 +109,10 @@ func (c *Config) udpMaxSessionsPerPort() int {
 	return DefaultUDPMaxSessionsPerPort
 }
 
+// throttleInterval is the least time between two log lines of one kind of
+// failure that peers can cause (see package logthrottle).
+const throttleInterval = 5 * time.Second
+
 // DefaultTCPIdleTimeout is --tcp-idle-timeout's default: kube-proxy's
 // conntrack timeout for established TCP (--conntrack-tcp-timeout-established),
 // after which the kernel itself forgets an idle connection.
@@ -178,6 +183,10 @@ type Listeners struct {
 	wg      sync.WaitGroup // every goroutine the set started
 
 	wantedBinds map[service.Key]map[netip.AddrPort]bool // the sockets the last Sync named
+
+	// Failure paths a peer can trigger at will log through these, at
+	// most a line per throttleInterval each.
+	logDropped, logListenErr *logthrottle.Throttle
 
 	udpSessions atomic.Int64 // UDP sessions of every socket, against Config.UDPMaxSessions
 	tcpConns    atomic.Int64 // TCP connections accepted and not yet ended, against Config.TCPMaxConnections
@@ -257,6 +266,9 @@ func New(cfg Config) (*Listeners, error) {
 		cancel: cancel,
 		active: make(map[service.Key]*portListener),
 		conns:  make(map[*tcpConn]struct{}),
+
+		logDropped:   logthrottle.New(throttleInterval),
+		logListenErr: logthrottle.New(throttleInterval),
 	}, nil
 }
 

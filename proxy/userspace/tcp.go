@@ -10,6 +10,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/sirupsen/logrus"
+
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/balancer"
 )
 
@@ -55,7 +57,7 @@ func (s *tcpSocket) serve() {
 		if err != nil {
 			// EMFILE and friends: back off and try again instead of
 			// crashing the node's Service traffic as upstream did.
-			s.l.log.WithError(err).Warn("Accept failed; backing off")
+			s.l.set.logListenErr.Log(s.l.log.WithError(err), func(e *logrus.Entry) { e.Warn("Accept failed; backing off") })
 			s.l.m.acceptErrs.Inc()
 			time.Sleep(acceptBackoff(failures))
 			failures++
@@ -97,7 +99,9 @@ func (l *portListener) handle(client *net.TCPConn) {
 	if err != nil {
 		client.SetLinger(0)
 		l.m.dialError.Inc()
-		l.log.WithError(err).WithField("client", client.RemoteAddr()).Warn("Dropped connection: no endpoint answered")
+		l.set.logDropped.Log(l.log.WithError(err).WithField("client", client.RemoteAddr()), func(e *logrus.Entry) {
+			e.Warn("Dropped connection: no endpoint answered")
+		})
 		return
 	}
 	defer backend.Close()

@@ -179,7 +179,7 @@ func (u *udpSocket) serve() {
 			return
 		}
 		if err != nil {
-			u.log.WithError(err).Warn("UDP read failed; backing off")
+			u.set.logListenErr.Log(u.log.WithError(err), func(e *logrus.Entry) { e.Warn("UDP read failed; backing off") })
 			u.m.acceptErrs.Inc()
 			time.Sleep(acceptBackoff(failures))
 			failures++
