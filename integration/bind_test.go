@@ -15,10 +15,22 @@ import (
 // correctly. An address somebody else put in the service range is never
 // touched; a stale address of ours (left by a crash) is removed; after kill
 // -9 and a restart the addresses are reconciled, not duplicated, and traffic
-// is back within 2s; --cleanup removes ours and only ours.
+// is back within 2s; --cleanup removes ours and only ours, and puts the ARP
+// settings back as they were before the first start.
 func TestBindModeReconcile(t *testing.T) {
 	ctx := context.Background()
 	l, client, manifest := firstStoryLab(t, "")
+	arp := func() string {
+		out, err := l.Node.Run(ctx, "sysctl", "-n", "net.ipv4.conf.all.arp_ignore", "net.ipv4.conf.all.arp_announce")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return strings.Join(strings.Fields(string(out)), " ")
+	}
+	// The node's own, unusual choice, which cleanup must restore.
+	if _, err := l.Node.Run(ctx, "sysctl", "-w", "net.ipv4.conf.all.arp_ignore=2", "net.ipv4.conf.all.arp_announce=1"); err != nil {
+		t.Fatal(err)
+	}
 	const foreign, stale = "10.96.0.99/32", "10.96.0.77/32"
 	for _, args := range [][]string{
 		{"addr", "add", foreign, "dev", "lo"},                  // an administrator's
@@ -40,6 +52,9 @@ func TestBindModeReconcile(t *testing.T) {
 	proxy, err := l.StartProxy(tools, manifest, "--mode", "bind")
 	if err != nil {
 		t.Fatal(err)
+	}
+	if got := arp(); got != "1 2" {
+		t.Errorf("arp_ignore, arp_announce in bind mode = %s; want 1 2", got)
 	}
 	addrs := loAddrs()
 	if !strings.Contains(addrs, foreign) || strings.Contains(addrs, stale) || strings.Count(addrs, lab.ClusterIP.String()+"/32") != 1 {
@@ -78,6 +93,9 @@ func TestBindModeReconcile(t *testing.T) {
 	addrs = loAddrs()
 	if strings.Contains(addrs, lab.ClusterIP.String()) || !strings.Contains(addrs, foreign) {
 		t.Errorf("after --cleanup lo has:\n%s\nwant ours gone and %s kept", addrs, foreign)
+	}
+	if got := arp(); got != "2 1" {
+		t.Errorf("arp_ignore, arp_announce after --cleanup = %s; want the node's own 2 1 back", got)
 	}
 }
 

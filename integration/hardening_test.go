@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/integration/lab"
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/iptables"
 )
 
 // logField returns field of the first JSON log line of proc, from line
@@ -227,4 +228,69 @@ func serviceOnly(manifest string) string {
 		}
 	}
 	return ""
+}
+
+// TestTwoProxiesOnOneNode: two proxies on one node, the default one and one
+// with --service-proxy-name blue, each serve their own Services from one
+// manifest, in chains of their own, and cleaning one up leaves the other
+// working.
+func TestTwoProxiesOnOneNode(t *testing.T) {
+	ctx := context.Background()
+	blue := strings.NewReplacer("name: svc-test-1", "name: svc-blue\n  labels: {service.kubernetes.io/service-proxy-name: blue}",
+		"clusterIP: 10.96.0.11", "clusterIP: 10.96.0.12", "nodePort: 30080", "nodePort: 30082").Replace(serviceOnly(lab.FirstStory().Manifest()))
+	l, client, manifest := firstStoryLab(t, "---\n"+blue)
+	if _, err := l.StartProxy(tools, manifest); err != nil {
+		t.Fatal(err)
+	}
+	second, err := l.StartProxy(tools, manifest, "--service-proxy-name", "blue",
+		"--healthz-bind-address", "0.0.0.0:10266", "--metrics-bind-address", "127.0.0.1:10259")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := lab.FirstStory().Pods[0].Greeting()
+	serves := func(url string) error {
+		got, err := client.Curl(ctx, url)
+		if err == nil && got != want {
+			err = fmt.Errorf("answered %q, want %q", got, want)
+		}
+		return err
+	}
+	for _, url := range []string{"http://10.96.0.11/", "http://10.96.0.12/"} {
+		if err := serves(url); err != nil {
+			t.Errorf("curl %s with both proxies: %v", url, err)
+		}
+	}
+	rules, err := l.OurRules(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	token := iptables.Token("blue")
+	for _, r := range []string{
+		"-A KUP-PORTALS-CONTAINER -d 10.96.0.11/32",
+		"-A KUP-PORTALS-CONTAINER-" + token + " -d 10.96.0.12/32",
+	} {
+		if !strings.Contains(rules, r) {
+			t.Errorf("rules lack %q:\n%s", r, rules)
+		}
+	}
+	for _, r := range []string{"-A KUP-PORTALS-CONTAINER -d 10.96.0.12/32", "-A KUP-PORTALS-CONTAINER-" + token + " -d 10.96.0.11/32"} {
+		if strings.Contains(rules, r) {
+			t.Errorf("a proxy serves the other's Service: %q in\n%s", r, rules)
+		}
+	}
+
+	second.Signal(syscall.SIGTERM)
+	if out, err := l.Node.Run(ctx, tools.Proxy, "--cleanup", "--service-proxy-name", "blue"); err != nil {
+		t.Fatalf("--cleanup of blue: %v\n%s", err, out)
+	}
+	rules, err = l.OurRules(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(rules, token) || !strings.Contains(rules, "-A KUP-PORTALS-CONTAINER -d 10.96.0.11/32") {
+		t.Errorf("after blue's cleanup, want blue's chains gone and the default proxy's kept:\n%s", rules)
+	}
+	if err := serves("http://10.96.0.11/"); err != nil {
+		t.Errorf("the default proxy's Service after blue's cleanup: %v", err)
+	}
 }

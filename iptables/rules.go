@@ -22,12 +22,14 @@
 package iptables
 
 import (
+	"crypto/sha256"
 	"fmt"
 	"net/netip"
 	"strings"
 )
 
-// Chain names. Each is at most 28 characters, the kernel's limit.
+// Chain names of the default proxy (no --service-proxy-name). Each is at
+// most 28 characters, the kernel's limit, with room for a token.
 const (
 	ChainPortalsContainer  = "KUP-PORTALS-CONTAINER"
 	ChainPortalsHost       = "KUP-PORTALS-HOST"
@@ -35,6 +37,43 @@ const (
 	ChainNodePortHost      = "KUP-NODEPORT-HOST"
 	ChainNodePortNonLocal  = "KUP-NODEPORT-NON-LOCAL"
 )
+
+// Chains are the names one proxy's rules live under. Two proxies on one
+// node (each serving the Services of its own --service-proxy-name) must
+// never write, or clean up, each other's chains: a named proxy's chains
+// carry a token made from its name.
+type Chains struct {
+	PortalsContainer, PortalsHost, NodePortContainer, NodePortHost, NodePortNonLocal string
+	// name is the proxy name, for the jumps' comments; empty for the
+	// default proxy.
+	name string
+}
+
+// DefaultChains are the chains of the proxy without --service-proxy-name.
+var DefaultChains = ChainsFor("")
+
+// ChainsFor returns the chains of the proxy called name
+// (--service-proxy-name): the plain names for "", else each followed by
+// "-" and Token(name).
+func ChainsFor(name string) Chains {
+	c := Chains{ChainPortalsContainer, ChainPortalsHost, ChainNodePortContainer, ChainNodePortHost, ChainNodePortNonLocal, name}
+	if name == "" {
+		return c
+	}
+	suffix := "-" + Token(name)
+	for _, n := range []*string{&c.PortalsContainer, &c.PortalsHost, &c.NodePortContainer, &c.NodePortHost, &c.NodePortNonLocal} {
+		*n += suffix
+	}
+	return c
+}
+
+// Token is a short, stable token for a proxy name: five hex digits of its
+// SHA-256, so any name (up to a label value's 63 characters) fits in a
+// chain name or an address label.
+func Token(name string) string {
+	sum := sha256.Sum256([]byte(name))
+	return strings.ToUpper(fmt.Sprintf("%x", sum[:3])[:5])
+}
 
 // Kind is what kind of address a Redirect catches.
 type Kind int
@@ -83,23 +122,29 @@ type jump struct {
 // go first in PREROUTING and OUTPUT; NodePort jumps go last and only for
 // packets to a local address, so a ClusterIP or load-balancer rule always wins
 // over a NodePort that happens to use the same port number.
-var jumps = []jump{
-	{"nat", "PREROUTING", true, []string{"-m", "comment", "--comment", "kube-userspace-proxy service portals", "-j", ChainPortalsContainer}},
-	{"nat", "OUTPUT", true, []string{"-m", "comment", "--comment", "kube-userspace-proxy service portals", "-j", ChainPortalsHost}},
-	{"nat", "PREROUTING", false, []string{"-m", "addrtype", "--dst-type", "LOCAL", "-m", "comment", "--comment", "kube-userspace-proxy service nodeports; must stay last", "-j", ChainNodePortContainer}},
-	{"nat", "OUTPUT", false, []string{"-m", "addrtype", "--dst-type", "LOCAL", "-m", "comment", "--comment", "kube-userspace-proxy service nodeports; must stay last", "-j", ChainNodePortHost}},
-	{"filter", "INPUT", true, []string{"-m", "comment", "--comment", "kube-userspace-proxy lets non-local nodeport traffic reach its listeners", "-j", ChainNodePortNonLocal}},
+func (c Chains) jumps() []jump {
+	who := "kube-userspace-proxy"
+	if c.name != "" {
+		who += " " + safeComment(c.name)
+	}
+	return []jump{
+		{"nat", "PREROUTING", true, []string{"-m", "comment", "--comment", who + " service portals", "-j", c.PortalsContainer}},
+		{"nat", "OUTPUT", true, []string{"-m", "comment", "--comment", who + " service portals", "-j", c.PortalsHost}},
+		{"nat", "PREROUTING", false, []string{"-m", "addrtype", "--dst-type", "LOCAL", "-m", "comment", "--comment", who + " service nodeports; must stay last", "-j", c.NodePortContainer}},
+		{"nat", "OUTPUT", false, []string{"-m", "addrtype", "--dst-type", "LOCAL", "-m", "comment", "--comment", who + " service nodeports; must stay last", "-j", c.NodePortHost}},
+		{"filter", "INPUT", true, []string{"-m", "comment", "--comment", who + " lets non-local nodeport traffic reach its listeners", "-j", c.NodePortNonLocal}},
+	}
 }
 
 // Render returns the iptables-restore input that sets our chains to exactly
 // redirects. bind is --bind-address: the unspecified address (0.0.0.0) means
 // our listeners take any local address, so REDIRECT is enough; any other
 // address means the listeners are bound there, so packets are DNATed to it.
-func Render(redirects []Redirect, bind netip.Addr) []byte {
+func (c Chains) Render(redirects []Redirect, bind netip.Addr) []byte {
 	var b strings.Builder
 	b.WriteString("*nat\n")
-	for _, c := range []string{ChainPortalsContainer, ChainPortalsHost, ChainNodePortContainer, ChainNodePortHost} {
-		fmt.Fprintf(&b, ":%s - [0:0]\n", c)
+	for _, chain := range []string{c.PortalsContainer, c.PortalsHost, c.NodePortContainer, c.NodePortHost} {
+		fmt.Fprintf(&b, ":%s - [0:0]\n", chain)
 	}
 	for _, r := range redirects {
 		target := redirectTarget(r, bind)
@@ -107,24 +152,24 @@ func Render(redirects []Redirect, bind netip.Addr) []byte {
 		switch r.Kind {
 		case ClusterIP, LoadBalancerIP:
 			// Pods and the node alike are sent to our listener.
-			fmt.Fprintf(&b, "-A %s -d %s %s %s\n", ChainPortalsContainer, hostCIDR(r.IP), match, target)
-			fmt.Fprintf(&b, "-A %s -d %s %s %s\n", ChainPortalsHost, hostCIDR(r.IP), match, target)
+			fmt.Fprintf(&b, "-A %s -d %s %s %s\n", c.PortalsContainer, hostCIDR(r.IP), match, target)
+			fmt.Fprintf(&b, "-A %s -d %s %s %s\n", c.PortalsHost, hostCIDR(r.IP), match, target)
 		case ExternalIP:
 			// Traffic arriving at the node for an external IP is caught.
 			// The node's own traffic is caught only when the external IP
 			// is one of the node's addresses; otherwise it is routed out
 			// to wherever that address really lives.
-			fmt.Fprintf(&b, "-A %s -d %s %s %s\n", ChainPortalsContainer, hostCIDR(r.IP), match, target)
-			fmt.Fprintf(&b, "-A %s -d %s %s -m addrtype --dst-type LOCAL %s\n", ChainPortalsHost, hostCIDR(r.IP), match, target)
+			fmt.Fprintf(&b, "-A %s -d %s %s %s\n", c.PortalsContainer, hostCIDR(r.IP), match, target)
+			fmt.Fprintf(&b, "-A %s -d %s %s -m addrtype --dst-type LOCAL %s\n", c.PortalsHost, hostCIDR(r.IP), match, target)
 		case NodePort:
 			// The jump into these chains already requires a local
 			// destination address.
-			fmt.Fprintf(&b, "-A %s %s %s\n", ChainNodePortContainer, match, target)
-			fmt.Fprintf(&b, "-A %s %s %s\n", ChainNodePortHost, match, target)
+			fmt.Fprintf(&b, "-A %s %s %s\n", c.NodePortContainer, match, target)
+			fmt.Fprintf(&b, "-A %s %s %s\n", c.NodePortHost, match, target)
 		}
 	}
 	b.WriteString("COMMIT\n*filter\n")
-	fmt.Fprintf(&b, ":%s - [0:0]\n", ChainNodePortNonLocal)
+	fmt.Fprintf(&b, ":%s - [0:0]\n", c.NodePortNonLocal)
 	// Our listeners bind every address of the node, so a listener port is
 	// reachable from anywhere the node is: a ClusterIP-only Service, or the
 	// DNS stub (an open resolver), straight from another host. Only traffic
@@ -141,7 +186,7 @@ func Render(redirects []Redirect, bind netip.Addr) []byte {
 		}
 		guarded[key] = true
 		fmt.Fprintf(&b, "-A %s -p %s -m comment --comment \"kube-userspace-proxy listener: only redirected traffic\" -m %s --dport %d -m conntrack ! --ctstate DNAT -j DROP\n",
-			ChainNodePortNonLocal, r.Protocol, r.Protocol, r.ToPort)
+			c.NodePortNonLocal, r.Protocol, r.Protocol, r.ToPort)
 	}
 	for _, r := range redirects {
 		if r.Kind != NodePort {
@@ -150,7 +195,7 @@ func Render(redirects []Redirect, bind netip.Addr) []byte {
 		// By the time INPUT sees a NodePort packet it has been redirected,
 		// so the rule names our listener's port, not the NodePort.
 		fmt.Fprintf(&b, "-A %s -p %s -m comment --comment %q -m %s --dport %d -m conntrack --ctstate NEW -j ACCEPT\n",
-			ChainNodePortNonLocal, r.Protocol, safeComment(r.Comment), r.Protocol, r.ToPort)
+			c.NodePortNonLocal, r.Protocol, safeComment(r.Comment), r.Protocol, r.ToPort)
 	}
 	b.WriteString("COMMIT\n")
 	return []byte(b.String())

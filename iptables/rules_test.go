@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 )
 
@@ -41,7 +42,7 @@ func TestRenderGolden(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			got := Render(tt.redirects, tt.bind)
+			got := DefaultChains.Render(tt.redirects, tt.bind)
 			path := filepath.Join("testdata", tt.name+".golden")
 			if *update {
 				if err := os.WriteFile(path, got, 0o644); err != nil {
@@ -60,7 +61,7 @@ func TestRenderGolden(t *testing.T) {
 }
 
 func TestRenderEmptyStillDeclaresChains(t *testing.T) {
-	got := string(Render(nil, netip.Addr{}))
+	got := string(DefaultChains.Render(nil, netip.Addr{}))
 	want := "*nat\n:KUP-PORTALS-CONTAINER - [0:0]\n:KUP-PORTALS-HOST - [0:0]\n:KUP-NODEPORT-CONTAINER - [0:0]\n:KUP-NODEPORT-HOST - [0:0]\nCOMMIT\n*filter\n:KUP-NODEPORT-NON-LOCAL - [0:0]\nCOMMIT\n"
 	if got != want {
 		t.Errorf("Render(nil) = %q, want %q (declaring a chain empties it)", got, want)
@@ -90,9 +91,24 @@ func repeat(c byte, n int) string {
 }
 
 func TestChainNamesFitTheKernel(t *testing.T) {
-	for _, c := range []string{ChainPortalsContainer, ChainPortalsHost, ChainNodePortContainer, ChainNodePortHost, ChainNodePortNonLocal} {
-		if len(c) > 28 {
-			t.Errorf("chain %s has %d characters; the kernel takes 28", c, len(c))
+	for _, name := range []string{"", "a", strings.Repeat("x", 63)} {
+		c := ChainsFor(name)
+		for _, chain := range []string{c.PortalsContainer, c.PortalsHost, c.NodePortContainer, c.NodePortHost, c.NodePortNonLocal} {
+			if len(chain) > 28 {
+				t.Errorf("chain %s has %d characters; the kernel takes 28", chain, len(chain))
+			}
 		}
+	}
+}
+
+// TestChainsPerProxyName: the default proxy keeps the plain names; a named
+// one gets chains of its own, the same every time.
+func TestChainsPerProxyName(t *testing.T) {
+	if ChainsFor("").PortalsContainer != ChainPortalsContainer {
+		t.Errorf("default proxy's chain = %s, want %s", ChainsFor("").PortalsContainer, ChainPortalsContainer)
+	}
+	a, b := ChainsFor("blue"), ChainsFor("green")
+	if a.PortalsContainer == b.PortalsContainer || a.PortalsContainer == ChainPortalsContainer || a != ChainsFor("blue") {
+		t.Errorf("chains of blue %q, green %q: want distinct from each other and the default, and stable", a.PortalsContainer, b.PortalsContainer)
 	}
 }

@@ -60,6 +60,7 @@ type Table struct {
 	backend Backend
 	family  Family
 	bind    netip.Addr
+	chains  Chains
 	ipt     runner
 	restore string // the iptables-restore binary of the backend
 }
@@ -109,9 +110,9 @@ func Available(family Family) []Backend {
 	return bs
 }
 
-// New returns a Table that writes the rules of family to backend. bind is
-// --bind-address (see Render), for IPv4 only.
-func New(backend Backend, family Family, bind netip.Addr) (*Table, error) {
+// New returns a Table that writes the rules of family to backend, in
+// chains. bind is --bind-address (see Render), for IPv4 only.
+func New(backend Backend, family Family, bind netip.Addr, chains Chains) (*Table, error) {
 	if backend != Legacy && backend != NFT {
 		return nil, fmt.Errorf("iptables backend %q: want %q or %q", backend, Legacy, NFT)
 	}
@@ -132,7 +133,7 @@ func New(backend Backend, family Family, bind netip.Addr) (*Table, error) {
 	if err != nil {
 		return nil, fmt.Errorf("iptables backend %s, %s: %w", backend, family, err)
 	}
-	return &Table{backend: backend, family: family, bind: bind, ipt: ipt, restore: restore}, nil
+	return &Table{backend: backend, family: family, bind: bind, chains: chains, ipt: ipt, restore: restore}, nil
 }
 
 // Backend is the backend t writes to.
@@ -146,7 +147,7 @@ func (t *Table) Backend() Backend { return t.backend }
 // calling Sync again repairs the node.
 func (t *Table) Sync(redirects []Redirect) error {
 	cmd := exec.Command(t.restore, "--noflush", "--wait", "5")
-	cmd.Stdin = bytes.NewReader(Render(redirects, t.bind))
+	cmd.Stdin = bytes.NewReader(t.chains.Render(redirects, t.bind))
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	if err := cmd.Run(); err != nil {
@@ -156,7 +157,7 @@ func (t *Table) Sync(redirects []Redirect) error {
 	// -C" with the nft backend reads the whole table (0.13s each with
 	// 20,000 rules).
 	listed := map[[2]string][]string{}
-	for _, j := range jumps {
+	for _, j := range t.chains.jumps() {
 		k := [2]string{j.table, j.from}
 		if _, ok := listed[k]; !ok {
 			rules, err := t.ipt.List(j.table, j.from)
@@ -179,7 +180,7 @@ func (t *Table) Sync(redirects []Redirect) error {
 // it until the new run has its Services to write: until then, those rules
 // lead to where the traffic will be served again (see --mode auto).
 func (t *Table) Probe() error {
-	for _, j := range jumps {
+	for _, j := range t.chains.jumps() {
 		chain := j.spec[len(j.spec)-1]
 		ok, err := t.ipt.ChainExists(j.table, chain)
 		if err == nil && !ok {
@@ -217,7 +218,7 @@ func (t *Table) ensureJump(j jump, rules []string) error {
 // there is nothing to remove is not an error.
 func (t *Table) Cleanup() error {
 	var errs []error
-	for _, j := range jumps {
+	for _, j := range t.chains.jumps() {
 		if ok, _ := t.ipt.ChainExists(j.table, j.spec[len(j.spec)-1]); !ok {
 			continue
 		}
@@ -225,7 +226,7 @@ func (t *Table) Cleanup() error {
 			errs = append(errs, fmt.Errorf("delete jump %s/%s: %w", j.table, j.from, err))
 		}
 	}
-	for _, j := range jumps {
+	for _, j := range t.chains.jumps() {
 		chain := j.spec[len(j.spec)-1]
 		ok, err := t.ipt.ChainExists(j.table, chain)
 		if err != nil {

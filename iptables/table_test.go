@@ -46,7 +46,7 @@ func TestTableInNetns(t *testing.T) {
 				run(t, ipt, "-t", "nat", "-N", "OTHER-CHAIN")
 				run(t, ipt, "-t", "nat", "-A", "OTHER-CHAIN", "-j", "RETURN")
 
-				tab, err := New(backend, family, netip.IPv4Unspecified())
+				tab, err := New(backend, family, netip.IPv4Unspecified(), DefaultChains)
 				if err != nil {
 					t.Fatal(err)
 				}

@@ -19,6 +19,7 @@ import (
 	"net/netip"
 	"os"
 	"slices"
+	"strings"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -27,9 +28,11 @@ import (
 // DeviceName is the dummy device we create when the kernel can.
 const DeviceName = "kup0"
 
-// labelSuffix marks our addresses: the label is "<device>:kup". Linux
-// requires an address label to start with its device's name.
-const labelSuffix = ":kup"
+// labelMark marks the addresses of every proxy of ours: the label is
+// "<device>:kup" for the default proxy and "<device>:kup<token>" for one
+// with a --service-proxy-name. Linux requires an address label to start
+// with its device's name, and keeps it to 15 characters.
+const labelMark = ":kup"
 
 // Device holds the Service addresses.
 type Device struct {
@@ -37,10 +40,17 @@ type Device struct {
 	label string
 }
 
+// label is the address label of the proxy with token on link.
+func label(link netlink.Link, token string) string {
+	return link.Attrs().Name + labelMark + token
+}
+
 // Open finds or makes the device for Service addresses: our dummy device if
 // the kernel has the dummy driver, else lo. It also keeps the node from
-// answering ARP for those addresses on its real interfaces (see ARP).
-func Open() (*Device, error) {
+// answering ARP for those addresses on its real interfaces (see ARP). token
+// tells this proxy's addresses from those of another proxy of ours on the
+// node ("" for the default proxy; see iptables.Token).
+func Open(token string) (*Device, error) {
 	link, err := netlink.LinkByName(DeviceName)
 	if err != nil {
 		link, err = makeDummy()
@@ -55,10 +65,10 @@ func Open() (*Device, error) {
 	if err := netlink.LinkSetUp(link); err != nil {
 		return nil, fmt.Errorf("bring %s up: %w", link.Attrs().Name, err)
 	}
-	if err := ARP(); err != nil {
+	if err := ARP(link); err != nil {
 		return nil, err
 	}
-	return &Device{link: link, label: link.Attrs().Name + labelSuffix}, nil
+	return &Device{link: link, label: label(link, token)}, nil
 }
 
 func makeDummy() (netlink.Link, error) {
@@ -79,16 +89,66 @@ func (d *Device) Name() string { return d.link.Attrs().Name }
 // ARP requests. Without them Linux answers ARP for any local address on any
 // interface, and the node would draw other hosts' traffic for every
 // ClusterIP.
-func ARP() error {
-	for file, value := range map[string]string{
-		"/proc/sys/net/ipv4/conf/all/arp_ignore":   "1",
-		"/proc/sys/net/ipv4/conf/all/arp_announce": "2",
-	} {
-		if err := os.WriteFile(file, []byte(value), 0o644); err != nil {
-			return fmt.Errorf("set %s to %s: %w", file, value, err)
+//
+// The values it replaces are written down first, in the alias of link
+// (IFLA_IFALIAS, "ip link show" prints it), so that Cleanup can put them
+// back: the kernel keeps the alias for the network namespace, across
+// restarts of the proxy and of its container, and a second proxy of ours
+// finds the first one's record and keeps it.
+func ARP(link netlink.Link) error {
+	if !strings.HasPrefix(link.Attrs().Alias, arpAliasPrefix) {
+		var saved []string
+		for _, s := range arpSysctls {
+			old, err := os.ReadFile(s.file)
+			if err != nil {
+				return fmt.Errorf("read %s: %w", s.file, err)
+			}
+			saved = append(saved, s.name+"="+strings.TrimSpace(string(old)))
+		}
+		if err := netlink.LinkSetAlias(link, arpAliasPrefix+strings.Join(saved, " ")); err != nil {
+			return fmt.Errorf("record the ARP settings on %s: %w", link.Attrs().Name, err)
+		}
+	}
+	for _, s := range arpSysctls {
+		if err := os.WriteFile(s.file, []byte(s.value), 0o644); err != nil {
+			return fmt.Errorf("set %s to %s: %w", s.file, s.value, err)
 		}
 	}
 	return nil
+}
+
+// arpSysctls are the settings ARP changes.
+var arpSysctls = []struct{ name, file, value string }{
+	{"arp_ignore", "/proc/sys/net/ipv4/conf/all/arp_ignore", "1"},
+	{"arp_announce", "/proc/sys/net/ipv4/conf/all/arp_announce", "2"},
+}
+
+// arpAliasPrefix starts the link alias that records the ARP settings found
+// before ours: "kube-userspace-proxy arp: arp_ignore=0 arp_announce=0".
+const arpAliasPrefix = "kube-userspace-proxy arp: "
+
+// restoreARP puts back the ARP settings recorded in link's alias, and
+// clears the alias. Without a record it changes nothing.
+func restoreARP(link netlink.Link) error {
+	alias := link.Attrs().Alias
+	if !strings.HasPrefix(alias, arpAliasPrefix) {
+		return nil
+	}
+	var errs []error
+	for _, kv := range strings.Fields(strings.TrimPrefix(alias, arpAliasPrefix)) {
+		name, value, _ := strings.Cut(kv, "=")
+		for _, s := range arpSysctls {
+			if s.name == name {
+				if err := os.WriteFile(s.file, []byte(value), 0o644); err != nil {
+					errs = append(errs, fmt.Errorf("restore %s to %s: %w", s.file, value, err))
+				}
+			}
+		}
+	}
+	if len(errs) == 0 {
+		errs = append(errs, netlink.LinkSetAlias(link, ""))
+	}
+	return errors.Join(errs...)
 }
 
 // Ours lists the addresses on the device that carry our label.
@@ -166,22 +226,52 @@ func (d *Device) addr(ip netip.Addr) *netlink.Addr {
 	}
 }
 
-// Cleanup removes our addresses, and our dummy device if we made one. It is
-// not an error when there is nothing to remove.
-func Cleanup() error {
-	if link, err := netlink.LinkByName(DeviceName); err == nil {
-		if _, ok := link.(*netlink.Dummy); ok {
+// Cleanup removes the addresses of the proxy with token, and once no proxy
+// of ours has an address left, puts the ARP settings back as they were and
+// deletes our dummy device if we made one. It is not an error when there
+// is nothing to remove.
+func Cleanup(token string) error {
+	var errs []error
+	for _, name := range []string{DeviceName, "lo"} {
+		link, err := netlink.LinkByName(name)
+		if err != nil {
+			if name == "lo" {
+				errs = append(errs, fmt.Errorf("find lo: %w", err))
+			}
+			continue
+		}
+		if err := (&Device{link: link, label: label(link, token)}).Sync(nil); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		others, err := anyOfOurs(link)
+		if err != nil || others {
+			errs = append(errs, err) // another proxy of ours still serves here
+			continue
+		}
+		if err := restoreARP(link); err != nil {
+			errs = append(errs, err)
+		}
+		if _, dummy := link.(*netlink.Dummy); dummy {
 			if err := netlink.LinkDel(link); err != nil {
-				return fmt.Errorf("delete %s: %w", DeviceName, err)
+				errs = append(errs, fmt.Errorf("delete %s: %w", DeviceName, err))
 			}
 		}
 	}
-	lo, err := netlink.LinkByName("lo")
-	if err != nil {
-		return fmt.Errorf("find lo: %w", err)
-	}
-	return (&Device{link: lo, label: "lo" + labelSuffix}).Sync(nil)
+	return errors.Join(errs...)
 }
+
+// anyOfOurs reports whether link has an address of any proxy of ours.
+func anyOfOurs(link netlink.Link) (bool, error) {
+	addrs, err := netlink.AddrList(link, unix.AF_INET)
+	if err != nil {
+		return false, fmt.Errorf("list addresses of %s: %w", link.Attrs().Name, err)
+	}
+	return slices.ContainsFunc(addrs, func(a netlink.Addr) bool { return isOurs(a.Label) }), nil
+}
+
+// isOurs reports whether an address label is one of any proxy of ours.
+func isOurs(label string) bool { return strings.Contains(label, labelMark) }
 
 // NodeAddresses lists the node's IPv4 addresses within prefixes (all of them
 // when prefixes is empty), leaving out loopback and our own Service
@@ -194,7 +284,7 @@ func NodeAddresses(prefixes []netip.Prefix) ([]netip.Addr, error) {
 	var out []netip.Addr
 	for _, a := range addrs {
 		ip, ok := netip.AddrFromSlice(a.IP.To4())
-		if !ok || ip.IsLoopback() || len(a.Label) > len(labelSuffix) && a.Label[len(a.Label)-len(labelSuffix):] == labelSuffix {
+		if !ok || ip.IsLoopback() || isOurs(a.Label) {
 			continue
 		}
 		if len(prefixes) == 0 || slices.ContainsFunc(prefixes, func(p netip.Prefix) bool { return p.Contains(ip) }) {

@@ -351,7 +351,8 @@ func newRedirect(cfg *Config, log logrus.FieldLogger, listeners *userspace.Liste
 			return nil, err
 		}
 	}
-	table, err := iptables.New(backend, iptables.IPv4, cfg.Listeners.BindAddress)
+	chains := iptables.ChainsFor(cfg.ServiceProxyName)
+	table, err := iptables.New(backend, iptables.IPv4, cfg.Listeners.BindAddress, chains)
 	if err != nil {
 		return nil, err
 	}
@@ -359,7 +360,7 @@ func newRedirect(cfg *Config, log logrus.FieldLogger, listeners *userspace.Liste
 	// IPv6: only where ip6tables can NAT. Making sure our chains exist is
 	// the probe (it leaves their rules alone); without it, IPv4 is served
 	// all the same.
-	table6, err := iptables.New(backend, iptables.IPv6, netip.Addr{})
+	table6, err := iptables.New(backend, iptables.IPv6, netip.Addr{}, chains)
 	if err == nil {
 		err = table6.Probe()
 	}
@@ -375,9 +376,18 @@ func newBind(cfg *Config, log logrus.FieldLogger) (*bindFrontend, error) {
 	if a := cfg.Listeners.BindAddress; a.IsValid() && !a.IsUnspecified() {
 		return nil, errors.New("--bind-address applies to redirect mode only: in bind mode listeners bind the Service addresses themselves")
 	}
-	device, err := localaddr.Open()
+	device, err := localaddr.Open(proxyToken(cfg.ServiceProxyName))
 	if err != nil {
 		return nil, fmt.Errorf("bind mode: %w", err)
 	}
 	return &bindFrontend{log: log, device: device, nodePortAddresses: cfg.NodePortAddresses}, nil
+}
+
+// proxyToken tells one proxy's rules and addresses from another's on the
+// same node: "" for the default proxy, so its names stay the plain ones.
+func proxyToken(serviceProxyName string) string {
+	if serviceProxyName == "" {
+		return ""
+	}
+	return iptables.Token(serviceProxyName)
 }

@@ -28,6 +28,7 @@ import (
 	"golang.org/x/sync/errgroup"
 	v1 "k8s.io/api/core/v1"
 	discovery "k8s.io/api/discovery/v1"
+	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/client-go/kubernetes"
 
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/dnsstub"
@@ -207,12 +208,17 @@ func Run(ctx context.Context, cfg Config) error {
 			}, publish)
 		}
 		w := &manifest.Watcher{Path: cfg.Manifests, Log: log}
+		selector := watch.ServiceSelector(cfg.ServiceProxyName)
 		err := w.Run(ctx, func(objs *manifest.Objects) {
-			// Pods become EndpointSlices as a cluster's controller would
-			// make them.
+			// Only the Services this proxy serves, as the cluster source
+			// asks the API server for; Pods become EndpointSlices as a
+			// cluster's controller would make them.
+			services := slices.DeleteFunc(slices.Clone(objs.Services), func(s *v1.Service) bool {
+				return !selector.Matches(labels.Set(s.Labels))
+			})
 			publish(watch.Update{
-				Services:       objs.Services,
-				EndpointSlices: slices.Concat(objs.EndpointSlices, manifest.PodSlices(objs.Services, objs.Pods)),
+				Services:       services,
+				EndpointSlices: slices.Concat(objs.EndpointSlices, manifest.PodSlices(services, objs.Pods)),
 			})
 		})
 		if err != nil {
@@ -286,19 +292,21 @@ func addTriggers(ts, more []time.Time) []time.Time {
 	return append(ts, more[:min(room, len(more))]...)
 }
 
-// Cleanup removes what any mode of ours added to the node (--cleanup): our
-// rules and chains from every iptables backend the node has, so that a node
-// is clean whichever backend we last used, and our Service addresses.
-func Cleanup(log logrus.FieldLogger) error {
+// Cleanup removes what any mode of the proxy called serviceProxyName added
+// to the node (--cleanup): its rules and chains from every iptables backend
+// the node has, so that a node is clean whichever backend it last used, and
+// its Service addresses. Another proxy's (another --service-proxy-name) are
+// left alone.
+func Cleanup(log logrus.FieldLogger, serviceProxyName string) error {
 	var errs []error
-	if err := localaddr.Cleanup(); err != nil {
+	if err := localaddr.Cleanup(proxyToken(serviceProxyName)); err != nil {
 		errs = append(errs, fmt.Errorf("service addresses: %w", err))
 	} else {
 		log.Info("Removed our Service addresses")
 	}
 	for _, family := range []iptables.Family{iptables.IPv4, iptables.IPv6} {
 		for _, b := range iptables.Available(family) {
-			t, err := iptables.New(b, family, netip.Addr{})
+			t, err := iptables.New(b, family, netip.Addr{}, iptables.ChainsFor(serviceProxyName))
 			if err == nil {
 				err = t.Cleanup()
 			}

@@ -28,6 +28,7 @@ import (
 	"github.com/miekg/dns"
 	"github.com/sirupsen/logrus"
 	"github.com/spf13/cobra"
+	"k8s.io/apimachinery/pkg/util/validation"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
@@ -178,7 +179,7 @@ func (o *options) run(cmd *cobra.Command) error {
 		}
 	}
 	if o.cleanup {
-		if err := proxy.Cleanup(log); err != nil {
+		if err := proxy.Cleanup(log, o.serviceProxyName); err != nil {
 			return fmt.Errorf("encountered an error while tearing down rules: %w", err)
 		}
 		return nil
@@ -223,6 +224,9 @@ func (o *options) config(log logrus.FieldLogger) (proxy.Config, error) {
 	}
 	if o.tcpIdleTimeout < 0 {
 		errs = append(errs, fmt.Errorf("--tcp-idle-timeout %s: must be 0 (never) or more", o.tcpIdleTimeout))
+	}
+	if msgs := validation.IsValidLabelValue(o.serviceProxyName); len(msgs) > 0 {
+		errs = append(errs, fmt.Errorf("--service-proxy-name %q: not a label value: %s", o.serviceProxyName, strings.Join(msgs, "; ")))
 	}
 	if o.tcpMaxPerPort < 0 {
 		errs = append(errs, fmt.Errorf("--tcp-max-connections-per-service-port %d: want 0 (half of --tcp-max-connections) or more", o.tcpMaxPerPort))

@@ -67,9 +67,9 @@ func (s *tcpSocket) serve() {
 		if !s.l.set.admitTCP(s.l) {
 			// Over --tcp-max-connections (the node's or this port's
 			// share): refuse with a reset at once, holding nothing.
+			s.l.m.overLimit.Inc()
 			c.SetLinger(0)
 			c.Close()
-			s.l.m.overLimit.Inc()
 			continue
 		}
 		s.l.set.goroutine(func() {

@@ -28,7 +28,9 @@ import (
 	v1 "k8s.io/api/core/v1"
 	discovery "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/selection"
 	"k8s.io/apimachinery/pkg/util/wait"
 	apiwatch "k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/kubernetes"
@@ -41,6 +43,26 @@ import (
 // proxy: kube-proxy ignores Services that carry it, and a proxy started with
 // --service-proxy-name NAME serves exactly those with that value.
 const LabelServiceProxyName = "service.kubernetes.io/service-proxy-name"
+
+// ServiceSelector selects the Services the proxy called proxyName serves,
+// as kube-proxy selects its own: those labelled
+// service.kubernetes.io/service-proxy-name=proxyName (without the label
+// when proxyName is empty), and none labelled service.kubernetes.io/headless.
+// Both sources use it: the cluster source asks the API server for just
+// these, the manifest source keeps just these.
+func ServiceSelector(proxyName string) labels.Selector {
+	op, values := selection.DoesNotExist, []string(nil)
+	if proxyName != "" {
+		op, values = selection.Equals, []string{proxyName}
+	}
+	byName, err1 := labels.NewRequirement(LabelServiceProxyName, op, values)
+	notHeadless, err2 := labels.NewRequirement(v1.IsHeadlessService, selection.DoesNotExist, nil)
+	if err := errors.Join(err1, err2); err != nil {
+		// Only an invalid label value gets here; the command checks it.
+		return labels.Nothing()
+	}
+	return labels.NewSelector().Add(*byName, *notHeadless)
+}
 
 // reconnect is how our reflectors retry when a list or watch fails: 0.5s,
 // growing to 1s, each wait stretched by up to 20% so that nodes do not
@@ -147,10 +169,7 @@ func Run(ctx context.Context, cfg Config, apply func(Update)) error {
 	if endpointMinSync == 0 {
 		endpointMinSync = 100 * time.Millisecond
 	}
-	selector := "!" + LabelServiceProxyName
-	if cfg.ServiceProxyName != "" {
-		selector = LabelServiceProxyName + "=" + cfg.ServiceProxyName
-	}
+	selector := ServiceSelector(cfg.ServiceProxyName).String()
 
 	changed := make(chan struct{}, 1)
 	nudge := func() {
