@@ -143,3 +143,36 @@ func TestAutoModeFallsBackToBind(t *testing.T) {
 		t.Errorf("/proxyMode = %q, %v; want bind", got, err)
 	}
 }
+
+// TestBindModePortClash: in bind mode a Service's port must be free on the
+// node; one that a node server already holds on every address is reported
+// clearly and counted, and every other Service is served all the same.
+func TestBindModePortClash(t *testing.T) {
+	ctx := context.Background()
+	clash := strings.NewReplacer("name: svc-test-1", "name: clash", "clusterIP: 10.96.0.11", "clusterIP: 10.96.0.22",
+		"port: 80\n", "port: 2222\n", "nodePort: 30080", "nodePort: 30082").Replace(serviceOnly(lab.FirstStory().Manifest()))
+	l, client, manifest := firstStoryLab(t, "---\n"+clash)
+	server, err := l.Start(l.Node, tools.Helper, "web", "--listen", "0.0.0.0", "--port", "2222", "--udp-port", "2223", "--text", "node server")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := server.WaitFor(0, 10*time.Second, func(s string) bool { return strings.HasPrefix(s, "serving") }); err != nil {
+		t.Fatal(err)
+	}
+	proxy, err := l.StartProxy(tools, manifest, "--mode", "bind")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := proxy.WaitFor(0, 15*time.Second, func(s string) bool {
+		return strings.Contains(s, "10.96.0.22:2222") && strings.Contains(s, "already holds port 2222/TCP on every address")
+	}); err != nil {
+		t.Error(err)
+	}
+	if got, err := client.Curl(ctx, "http://10.96.0.11/"); err != nil || !strings.HasPrefix(got, "This is Web Server") {
+		t.Errorf("the other Service beside the clash: %q, %v", got, err)
+	}
+	metrics, err := l.Node.Curl(ctx, "http://127.0.0.1:10249/metrics")
+	if err != nil || !strings.Contains(metrics, `kube_userspace_proxy_listen_failures_total{protocol="TCP",reason="port_in_use"}`) {
+		t.Errorf("metrics lack the port_in_use failure (%v)", err)
+	}
+}

@@ -327,7 +327,7 @@ func (ls *Listeners) Sync(s service.Snapshot, binds Binds) (map[service.Key][]ne
 			if !ok {
 				var err error
 				if sock, err = l.open(want); err != nil {
-					errs = append(errs, fmt.Errorf("listen for %s on %s: %w", p.Key(), want, err))
+					errs = append(errs, ls.listenFailed(p, want, err))
 					continue
 				}
 				l.sockets[want] = sock
@@ -337,6 +337,22 @@ func (ls *Listeners) Sync(s service.Snapshot, binds Binds) (map[service.Key][]ne
 		}
 	}
 	return bound, errors.Join(errs...)
+}
+
+// listenFailed counts and explains a socket of p that could not be
+// opened at want.
+func (ls *Listeners) listenFailed(p *service.Port, want netip.AddrPort, err error) error {
+	reason := "other"
+	if errors.Is(err, syscall.EADDRINUSE) && want.Port() != 0 {
+		// Bind mode: the Service's own address and port, and something
+		// on the node (sshd on 22, a hostNetwork ingress on 80, our own
+		// health port) listens on that port of every address.
+		reason = "port_in_use"
+		err = fmt.Errorf("%w: a socket on the node already holds port %d/%s on every address (sshd, a hostNetwork server, our own health or metrics port?); "+
+			"in bind mode a Service's address is local to the node, so its port must be free there: use redirect mode or another port", err, want.Port(), p.Protocol)
+	}
+	ls.cfg.Metrics.listenFailures.WithLabelValues(string(p.Protocol), reason).Inc()
+	return fmt.Errorf("listen for %s on %s: %w", p.Key(), want, err)
 }
 
 // CloseUnused closes the sockets, and the whole listeners, that the last

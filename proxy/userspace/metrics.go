@@ -20,6 +20,9 @@ type Metrics struct {
 	refused     prometheus.Counter     // UDP sessions not made: the node was full
 	sockets     *prometheus.GaugeVec   // protocol
 	acceptErrs  *prometheus.CounterVec // protocol
+	// listenFailures: sockets that could not be opened, by protocol and
+	// reason (port_in_use, other).
+	listenFailures *prometheus.CounterVec
 }
 
 // Connection results.
@@ -53,11 +56,13 @@ func NewMetrics(reg prometheus.Registerer) (*Metrics, error) {
 			Help: "UDP datagrams from new clients dropped because the node had reached --udp-max-sessions and their service port had no session to give up."}),
 		sockets: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Name: "listeners",
 			Help: "Listening sockets open for Service traffic."}, []string{"protocol"}),
+		listenFailures: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "listen_failures_total",
+			Help: "Listening sockets for Service traffic that could not be opened (retried every sync), by reason: port_in_use (bind mode: the node already listens on that port), other."}, []string{"protocol", "reason"}),
 		acceptErrs: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "listener_errors_total",
 			Help: "Accept and read errors on listening sockets (such as too many open files); each is retried after a backoff."}, []string{"protocol"}),
 	}
 	if reg != nil {
-		for _, c := range []prometheus.Collector{m.connections, m.active, m.bytes, m.dialErrors, m.dialRetries, m.expired, m.evicted, m.refused, m.sockets, m.acceptErrs} {
+		for _, c := range []prometheus.Collector{m.connections, m.active, m.bytes, m.dialErrors, m.dialRetries, m.expired, m.evicted, m.refused, m.sockets, m.acceptErrs, m.listenFailures} {
 			if err := reg.Register(c); err != nil {
 				return nil, err
 			}
