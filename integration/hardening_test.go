@@ -111,16 +111,7 @@ func TestRestartKeepsTheRules(t *testing.T) {
 	}
 	first.Signal(syscall.SIGKILL)
 
-	// An API server that is down: nothing listens on its port.
-	kubeconfig := filepath.Join(t.TempDir(), "down.kubeconfig")
-	os.WriteFile(kubeconfig, []byte(`apiVersion: v1
-kind: Config
-clusters: [{name: down, cluster: {server: "https://127.0.0.1:1", insecure-skip-tls-verify: true}}]
-users: [{name: u, user: {token: x}}]
-contexts: [{name: c, context: {cluster: down, user: u}}]
-current-context: c
-`), 0o600)
-	second, err := l.Start(l.Node, tools.Proxy, "--log-format", "json", "-v", "3", "--mode", "auto", "--kubeconfig", kubeconfig)
+	second, err := l.Start(l.Node, tools.Proxy, "--log-format", "json", "-v", "3", "--mode", "auto", "--kubeconfig", downKubeconfig(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -293,4 +284,70 @@ func TestTwoProxiesOnOneNode(t *testing.T) {
 	if err := serves("http://10.96.0.11/"); err != nil {
 		t.Errorf("the default proxy's Service after blue's cleanup: %v", err)
 	}
+}
+
+// downKubeconfig writes a kubeconfig for an API server that is down:
+// nothing listens on 127.0.0.1:1 in the namespace the proxy runs in.
+func downKubeconfig(tb testing.TB) string {
+	kubeconfig := filepath.Join(tb.TempDir(), "down.kubeconfig")
+	if err := os.WriteFile(kubeconfig, []byte(`apiVersion: v1
+kind: Config
+clusters: [{name: down, cluster: {server: "https://127.0.0.1:1", insecure-skip-tls-verify: true}}]
+users: [{name: u, user: {token: x}}]
+contexts: [{name: c, context: {cluster: down, user: u}}]
+current-context: c
+`), 0o600); err != nil {
+		tb.Fatal(err)
+	}
+	return kubeconfig
+}
+
+// BenchmarkAPIOutageLoad measures what one proxy asks of an API server that
+// is down: connection attempts per second, counted by the kernel (an
+// iptables rule on the SYNs to the dead port) over 10s, with the proxy
+// watching Services, EndpointSlices and its Node. Multiply by the number of
+// nodes for what a control plane meets when it comes back.
+//
+//	go test -run '^$' -bench APIOutageLoad -benchtime 1x ./integration/
+func BenchmarkAPIOutageLoad(b *testing.B) {
+	ctx := context.Background()
+	l, err := lab.New()
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer l.Close()
+	if _, err := l.Node.Run(ctx, "iptables", "-A", "OUTPUT", "-p", "tcp", "--dport", "1", "--syn", "-j", "ACCEPT"); err != nil {
+		b.Fatal(err)
+	}
+	syns := func() float64 {
+		out, err := l.Node.Run(ctx, "iptables", "-L", "OUTPUT", "-v", "-n", "-x")
+		if err != nil {
+			b.Fatal(err)
+		}
+		for line := range strings.Lines(string(out)) {
+			if f := strings.Fields(line); len(f) > 2 && strings.Contains(line, "dpt:1") {
+				var n float64
+				fmt.Sscan(f[0], &n)
+				return n
+			}
+		}
+		b.Fatalf("no counting rule in:\n%s", out)
+		return 0
+	}
+	var perSecond float64
+	for range b.N {
+		proxy, err := l.Start(l.Node, tools.Proxy, "--log-format", "json", "--kubeconfig", downKubeconfig(b), "--hostname-override", "node-1")
+		if err != nil {
+			b.Fatal(err)
+		}
+		if _, err := proxy.WaitFor(0, 15*time.Second, lab.LogMessage("Waiting for the first lists of Services and EndpointSlices")); err != nil {
+			b.Fatal(err)
+		}
+		time.Sleep(3 * time.Second) // past the first, quicker retries
+		before, start := syns(), time.Now()
+		time.Sleep(10 * time.Second)
+		perSecond = (syns() - before) / time.Since(start).Seconds()
+		proxy.Signal(syscall.SIGKILL)
+	}
+	b.ReportMetric(perSecond, "connects/s")
 }

@@ -65,17 +65,23 @@ func ServiceSelector(proxyName string) labels.Selector {
 }
 
 // reconnect is how our reflectors retry when a list or watch fails: 0.5s,
-// growing to 1s, each wait stretched by up to 20% so that nodes do not
-// retry in step. After an API server outage of any length, a change made
-// once it is back reaches us within about 1.2s plus one list. The cost is
-// a request per second per watched kind while the API server is away; a
-// refused connection costs it nothing, and an API server that is up but
-// overloaded answers 429 with Retry-After, which client-go's REST client
-// honours on its own.
+// growing to 1s, each wait stretched by up to 40%, so that the nodes whose
+// watches all broke at the same instant (an API server restart) drift apart
+// instead of retrying in step: after a few retries, 5,000 nodes arrive
+// spread over a second and more rather than together. After an API server
+// outage of any length, a change made once it is back reaches us within
+// about 1.4s plus one list, and that relist is served from the API server's
+// watch cache (the reflector lists at the resourceVersion it last saw,
+// never a quorum read from etcd, unless that version has expired). The cost
+// while the API server is away is a connection attempt per second and a bit
+// per watched kind: 2.4 per second for Services, EndpointSlices and the
+// Node (BenchmarkAPIOutageLoad); a refused connection costs the server
+// nothing, and one that is up but overloaded answers 429 with Retry-After,
+// which client-go's REST client honours on its own.
 var reconnect = wait.Backoff{
 	Duration: 500 * time.Millisecond,
 	Factor:   1.5,
-	Jitter:   0.2,
+	Jitter:   0.4,
 	Steps:    math.MaxInt32,
 	Cap:      time.Second,
 }
