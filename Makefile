@@ -5,6 +5,7 @@
 #   make test    vet, format check, and every test (unit, real iptables, lab)
 #   make bench   loopback benchmarks: our proxy against a direct connection
 #   make bench-modes  redirect mode against bind mode in the lab, with wrk
+#   make soak    every kind of load at once, good and hostile, for SOAK_DURATION (10m)
 #   make build   the binaries, into bin/
 
 SHELL := /bin/bash
@@ -24,7 +25,7 @@ export KUBE_TESTENV_BIN ?= $(or $(HOME),/root)/.cache/kube-testenv/$(KUBE_TESTEN
 DEB_PACKAGES := iptables iproute2 curl nftables dnsutils
 BENCH_PACKAGES := iperf3 wrk haproxy socat
 
-.PHONY: all build kube-testenv test demo bench bench-programming bench-sync bench-modes dnsperf deps bench-deps netbench clean
+.PHONY: all build kube-testenv test demo soak bench bench-programming bench-sync bench-modes dnsperf deps bench-deps netbench clean
 
 all: build
 
@@ -78,6 +79,13 @@ bench-programming: deps kube-testenv
 # programmed, listed from the real API server, and the proxy's peak memory.
 bench-sync: deps kube-testenv
 	$(GO) test -run '^$$' -bench FirstSyncFromAPI -benchtime 3x ./integration/
+
+# soak: one lab under every kind of load at once (HTTP keep-alive and per
+# request with byte checks, UDP, DNS, a UDP spray, a TCP flood, idle
+# /healthz connections, backends killed, the manifest rewritten slowly) for
+# SOAK_DURATION (default 10m); prints what failed and what the proxy held.
+soak: deps
+	$(GO) test -run '^$$' -bench Soak -benchtime 1x -timeout 0 ./integration/
 
 # bench-modes: redirect mode against bind mode (and a direct connection) in
 # one lab and one run, with wrk.

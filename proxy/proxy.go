@@ -24,6 +24,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/sirupsen/logrus"
 	"golang.org/x/sync/errgroup"
 	v1 "k8s.io/api/core/v1"
@@ -140,7 +141,10 @@ func Run(ctx context.Context, cfg Config) error {
 		return errors.New("no source of Services: give --manifests PATH, or a cluster (--kubeconfig, --master, or in-cluster)")
 	}
 	if cfg.Registry == nil {
+		// kube-proxy's own go_* and process_* metrics too: goroutines,
+		// memory, open file descriptors against their limit.
 		cfg.Registry = prometheus.NewRegistry()
+		cfg.Registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	}
 	stub, err := newDNS(&cfg)
 	if err != nil {

@@ -60,9 +60,16 @@ func webCommand() *cobra.Command {
 			fmt.Printf("serving %q on %s tcp/%d udp/%d\n", text, listen, port, udpPort)
 			return http.Serve(ln, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 				// Echo a request body back after the greeting, so tests can
-				// push bytes through the proxy and check them.
+				// push bytes through the proxy and check them. The body is
+				// read whole first: once a reply is under way, Go's server
+				// may stop reading the request of a kept-alive connection.
+				body, err := io.ReadAll(io.LimitReader(r.Body, 64<<20))
+				if err != nil {
+					http.Error(w, err.Error(), http.StatusBadRequest)
+					return
+				}
 				fmt.Fprintln(w, text)
-				io.Copy(w, r.Body)
+				w.Write(body)
 			}))
 		},
 	}

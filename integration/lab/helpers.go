@@ -27,6 +27,12 @@ func (l *Lab) AddWebOn(node *NS, t Tools, w WebPod) (*Proc, error) {
 	if err != nil {
 		return nil, err
 	}
+	return l.StartWeb(p, t, w)
+}
+
+// StartWeb starts web pod w's server in pod p, which exists: the first
+// time, or again after the server was killed.
+func (l *Lab) StartWeb(p *Pod, t Tools, w WebPod) (*Proc, error) {
 	proc, err := l.Start(&p.NS, t.Helper, "web", "--listen", "::", // both families
 		"--port", strconv.Itoa(w.WebPort), "--udp-port", strconv.Itoa(UDPTargetPort), "--text", w.Greeting())
 	if err != nil {

@@ -3,7 +3,6 @@ package userspace
 import (
 	"context"
 	"errors"
-	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -216,14 +215,20 @@ func (c *tcpConn) run() (up, down int64) {
 	return up, down
 }
 
-// copy carries direction d until it ends. Between two bare *net.TCPConn,
-// io.Copy uses splice(2) on Linux: the bytes go from socket to socket
-// through a kernel pipe and never into our memory.
+// copy carries direction d until it ends, with splice(2): the bytes go
+// from socket to socket through a kernel pipe of the direction's own and
+// never into our memory.
 func (c *tcpConn) copy(d int) int64 {
 	src, dst := c.sockets[d], c.sockets[1-d]
+	p, err := newPipe()
+	if err != nil {
+		c.abort() // out of descriptors: the budget should have kept us from here
+		return 0
+	}
+	defer p.close()
 	var total int64
 	for {
-		n, err := io.Copy(dst, src)
+		n, err := splice(dst, src, p)
 		total += n
 		switch {
 		case err == nil: // src sent its FIN: forward it
