@@ -54,6 +54,22 @@ func newLab(t *testing.T) *lab.Lab {
 	return l
 }
 
+// benchLab builds a lab with a client pod for a benchmark; it is torn
+// down when the benchmark ends.
+func benchLab(b *testing.B) (*lab.Lab, *lab.Pod) {
+	b.Helper()
+	l, err := lab.New()
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { l.Close() })
+	client, err := l.AddPod("client", lab.ClientPod)
+	if err != nil {
+		b.Fatal(err)
+	}
+	return l, client
+}
+
 // firstStoryLab builds a lab with a client pod and the web pods of the
 // Service story's first step, and writes that step's manifest, followed by
 // extra documents, to a file. It returns the lab, the client pod and the

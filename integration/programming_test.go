@@ -35,15 +35,7 @@ func BenchmarkNetworkProgramming(b *testing.B) {
 	c := env.Admin
 	ns := apiNamespace(b, c, "latency")
 	ensureNode(b, c, "node-1")
-	l, err := lab.New()
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer l.Close()
-	client, err := l.AddPod("client", lab.ClientPod)
-	if err != nil {
-		b.Fatal(err)
-	}
+	l, client := benchLab(b)
 	tb := &kubelet{t: b, c: c, ns: ns, node: "node-1"}
 	for n := 1; n <= 2; n++ {
 		w := lab.NewWebPod(n, "v1", 8080)

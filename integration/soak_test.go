@@ -102,15 +102,7 @@ func BenchmarkSoak(b *testing.B) {
 func soak(b *testing.B, duration time.Duration) {
 	ctx, stop := context.WithTimeout(context.Background(), duration)
 	defer stop()
-	l, err := lab.New()
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer l.Close()
-	client, err := l.AddPod("client", lab.ClientPod)
-	if err != nil {
-		b.Fatal(err)
-	}
+	l, client := benchLab(b)
 	story := lab.FirstStory()
 	for _, w := range story.Pods {
 		if _, err := l.AddWeb(tools, w); err != nil {
@@ -120,6 +112,7 @@ func soak(b *testing.B, duration time.Duration) {
 	churn := []lab.WebPod{lab.NewWebPod(5, "v1", 8080), lab.NewWebPod(6, "v1", 8080)}
 	churnPods := make([]*lab.Pod, len(churn))
 	churnProcs := make([]*lab.Proc, len(churn))
+	var err error
 	for i, w := range churn {
 		if churnProcs[i], err = l.AddWeb(tools, w); err != nil {
 			b.Fatal(err)

@@ -151,22 +151,7 @@ func BenchmarkTCPConnect(b *testing.B) {
 // BenchmarkUDPRequestResponse: a 64-byte datagram and its echo; one op is
 // one round trip within one session.
 func BenchmarkUDPRequestResponse(b *testing.B) {
-	pc, err := net.ListenUDP("udp4", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { pc.Close() })
-	go func() {
-		buf := make([]byte, 2048)
-		for {
-			n, from, err := pc.ReadFromUDPAddrPort(buf)
-			if err != nil {
-				return
-			}
-			pc.WriteToUDPAddrPort(buf[:n], from)
-		}
-	}()
-	echo := pc.LocalAddr().(*net.UDPAddr).AddrPort()
+	echo := udpBenchEcho(b)
 	for _, path := range []string{"direct", "proxy"} {
 		b.Run(path, func(b *testing.B) {
 			c := benchDial(b, path, udpPort(echo))
