@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -350,4 +351,73 @@ func BenchmarkAPIOutageLoad(b *testing.B) {
 		proxy.Signal(syscall.SIGKILL)
 	}
 	b.ReportMetric(perSecond, "connects/s")
+}
+
+// TestSIGTERMDrains: on SIGTERM the proxy stops accepting at once, lets a
+// request in flight that finishes within --shutdown-grace-period complete,
+// resets one that does not, and exits 0.
+func TestSIGTERMDrains(t *testing.T) {
+	l, client, manifest := firstStoryLab(t, "")
+	proxy, err := l.StartProxy(tools, manifest, "--shutdown-grace-period", "2s")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Two uploads to the web server's echo, each begun before SIGTERM: one
+	// finishes during the grace period, one never does.
+	begin := func() net.Conn {
+		c, err := client.Dial("tcp", "10.96.0.11:80")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		fmt.Fprintf(c, "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\nConnection: close\r\n\r\nhello")
+		return c
+	}
+	finishing, stalled := begin(), begin()
+	// Both are proxied: the web server has their headers. Wait until the
+	// proxy counts two connections.
+	waitActive := func(want string) {
+		t.Helper()
+		for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+			m, _ := l.Node.Curl(context.Background(), "http://127.0.0.1:10249/metrics")
+			if strings.Contains(m, `kube_userspace_proxy_active_connections{protocol="TCP"} `+want) {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("active TCP connections never became %s", want)
+			}
+		}
+	}
+	waitActive("2")
+	if err := proxy.Signal(syscall.SIGINT); err != nil { // SIGINT: same path, and Signal does not wait for it
+		t.Fatal(err)
+	}
+	if _, err := proxy.WaitFor(0, 10*time.Second, lab.LogMessage("Stopping: letting established connections finish")); err != nil {
+		t.Fatal(err)
+	}
+	// New connections are refused at once.
+	if c, err := client.Dial("tcp", "10.96.0.11:80"); err == nil {
+		c.Close()
+		t.Error("a new connection was accepted after the signal")
+	}
+	io.WriteString(finishing, "world")
+	got, err := io.ReadAll(finishing)
+	if err != nil || !strings.HasSuffix(string(got), "helloworld") {
+		t.Errorf("the upload that finished during the grace period: %q, %v; want its whole echo", got, err)
+	}
+	stalled.SetReadDeadline(time.Now().Add(20 * time.Second))
+	if _, err := io.ReadAll(stalled); !errors.Is(err, syscall.ECONNRESET) {
+		t.Errorf("the upload still running when the grace period ended: %v; want ECONNRESET", err)
+	}
+	select {
+	case <-proxy.Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("the proxy did not exit after the grace period")
+	}
+	if _, err := proxy.WaitFor(0, time.Second, lab.LogMessage("Grace period over: reset the connections still open")); err != nil {
+		t.Error(err)
+	}
+	if err := proxy.Signal(syscall.SIGTERM); err != nil { // already gone: how it exited
+		t.Errorf("the proxy's exit after the signal: %v; want 0", err)
+	}
 }
