@@ -248,7 +248,7 @@ func Run(ctx context.Context, cfg Config) error {
 	err = g.Wait()
 	// Stopping: the listeners close, so the kernel refuses new
 	// connections; the established ones get the grace period to finish.
-	if n := listeners.ActiveConnections(); n > 0 {
+	if n := listeners.StopAccepting(); n > 0 {
 		log.WithFields(logrus.Fields{"connections": n, "gracePeriod": cfg.ShutdownGracePeriod}).Info("Stopping: letting established connections finish")
 	}
 	if n := listeners.Shutdown(cfg.ShutdownGracePeriod); n > 0 {

@@ -383,8 +383,8 @@ func (ls *Listeners) CloseUnused() {
 // client takes a cut transfer for a complete one. It returns the number of
 // connections that had to be reset.
 func (ls *Listeners) Shutdown(grace time.Duration) int {
+	ls.StopAccepting()
 	ls.mu.Lock()
-	ls.closeListeners()
 	var drained chan struct{}
 	if len(ls.conns) > 0 {
 		drained = make(chan struct{})
@@ -402,6 +402,16 @@ func (ls *Listeners) Shutdown(grace time.Duration) int {
 	left := ls.ActiveConnections()
 	ls.Close()
 	return left
+}
+
+// StopAccepting closes every listening socket, so that the kernel refuses
+// new connections, and returns the number of proxied connections still
+// open: the first step of Shutdown.
+func (ls *Listeners) StopAccepting() int {
+	ls.mu.Lock()
+	defer ls.mu.Unlock()
+	ls.closeListeners()
+	return len(ls.conns)
 }
 
 // closeListeners closes every socket of every listener. ls.mu is held.
