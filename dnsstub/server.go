@@ -14,6 +14,7 @@ import (
 	"github.com/sirupsen/logrus"
 	"golang.org/x/net/netutil"
 
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/internal/backoff"
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/internal/logthrottle"
 )
 
@@ -291,7 +292,7 @@ func (l *patientListener) Accept() (net.Conn, error) {
 		if err == nil || errors.Is(err, net.ErrClosed) {
 			return c, err
 		}
-		d := min(5*time.Millisecond<<min(failures, 8), time.Second)
+		d := backoff.Accept(failures)
 		l.throttle.Log(l.log.WithError(err).WithField("retryIn", d), func(e *logrus.Entry) { e.Warn("DNS stub: TCP accept failed; backing off") })
 		if l.sleep != nil {
 			l.sleep(d)

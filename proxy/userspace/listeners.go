@@ -541,11 +541,3 @@ func (ls *Listeners) ActiveConnections() int {
 	defer ls.mu.Unlock()
 	return len(ls.conns)
 }
-
-// acceptBackoff returns how long to wait after the n-th accept or read error
-// in a row: from 5ms doubling up to 1s, so a broken socket never spins and
-// never floods the log (kubernetes#4112 wrote 37 GB of logs).
-func acceptBackoff(n int) time.Duration {
-	d := 5 * time.Millisecond << min(n, 8)
-	return min(d, time.Second)
-}

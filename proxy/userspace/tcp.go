@@ -11,6 +11,7 @@ import (
 
 	"github.com/sirupsen/logrus"
 
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/internal/backoff"
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/balancer"
 )
 
@@ -58,7 +59,7 @@ func (s *tcpSocket) serve() {
 			// crashing the node's Service traffic as upstream did.
 			s.l.set.logListenErr.Log(s.l.log.WithError(err), func(e *logrus.Entry) { e.Warn("Accept failed; backing off") })
 			s.l.m.acceptErrs.Inc()
-			time.Sleep(acceptBackoff(failures))
+			time.Sleep(backoff.Accept(failures))
 			failures++
 			continue
 		}

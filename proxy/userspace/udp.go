@@ -14,6 +14,7 @@ import (
 	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
 
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/internal/backoff"
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/balancer"
 )
 
@@ -181,7 +182,7 @@ func (u *udpSocket) serve() {
 		if err != nil {
 			u.set.logListenErr.Log(u.log.WithError(err), func(e *logrus.Entry) { e.Warn("UDP read failed; backing off") })
 			u.m.acceptErrs.Inc()
-			time.Sleep(acceptBackoff(failures))
+			time.Sleep(backoff.Accept(failures))
 			failures++
 			continue
 		}
