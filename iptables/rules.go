@@ -13,7 +13,8 @@
 //	KUP-NODEPORT-NON-LOCAL  filter, from INPUT (top)     KUBE-NODEPORT-NON-LOCAL
 //
 // The filter chain also guards our listener ports: a packet that reaches
-// one without having been redirected by our rules is dropped.
+// one without having been redirected by our rules is dropped, and a new
+// flow to the listener of a service port with no endpoints is refused.
 //
 // PREROUTING sees packets that arrive from pods and other hosts; OUTPUT sees
 // packets the node itself sends. Our names differ from upstream's because
@@ -105,6 +106,14 @@ type Redirect struct {
 	Port     uint16
 	Protocol string // "tcp" or "udp"
 	ToPort   uint16
+	// NoEndpoints says the service port has no endpoint to send traffic
+	// to. The redirect stays, so nothing in nat changes when endpoints
+	// come and go, but a new connection or datagram that reaches our
+	// listener this way is refused by the filter table (TCP reset, ICMP
+	// port unreachable for UDP), as kube-proxy's REJECT rules refuse it:
+	// the client sees "connection refused" at once instead of a
+	// connection that opens and then breaks.
+	NoEndpoints bool
 	// Comment names the service port (namespace/name:port). Only letters,
 	// digits and ._:/- are kept; anything else becomes '_', so no name from
 	// a manifest can change what a rule means.
@@ -188,8 +197,32 @@ func (c Chains) Render(redirects []Redirect, bind netip.Addr) []byte {
 		fmt.Fprintf(&b, "-A %s -p %s -m comment --comment \"kube-userspace-proxy listener: only redirected traffic\" -m %s --dport %d -m conntrack ! --ctstate DNAT -j DROP\n",
 			c.NodePortNonLocal, r.Protocol, r.Protocol, r.ToPort)
 	}
+	// A listener whose service port has no endpoints refuses new flows
+	// here, after the redirect has made their destination our listener:
+	// the refusal goes back through conntrack, which turns its source back
+	// into the address the client asked for. Packets of flows already
+	// established (connections still being served while their pods end)
+	// pass.
+	refused := map[string]bool{}
 	for _, r := range redirects {
-		if r.Kind != NodePort {
+		key := fmt.Sprintf("%s %d", r.Protocol, r.ToPort)
+		if !r.NoEndpoints || refused[key] {
+			continue
+		}
+		refused[key] = true
+		// UDP gets REJECT's default, ICMP port unreachable (ICMPv6 in
+		// ip6tables). TCP gets a reset instead: the kernel rate-limits
+		// ICMP errors, and a reset answers every SYN at once with
+		// ECONNREFUSED.
+		reject := "REJECT"
+		if r.Protocol == "tcp" {
+			reject = "REJECT --reject-with tcp-reset"
+		}
+		fmt.Fprintf(&b, "-A %s -p %s -m comment --comment %q -m %s --dport %d -m conntrack --ctstate NEW -j %s\n",
+			c.NodePortNonLocal, r.Protocol, safeComment(r.Comment)+" has no endpoints", r.Protocol, r.ToPort, reject)
+	}
+	for _, r := range redirects {
+		if r.Kind != NodePort || r.NoEndpoints {
 			continue
 		}
 		// By the time INPUT sees a NodePort packet it has been redirected,

@@ -21,6 +21,11 @@ var example = []Redirect{
 	// it: quotes, spaces, a newline and a rule of its own.
 	{Kind: ClusterIP, IP: netip.MustParseAddr("10.96.0.66"), Port: 443, Protocol: "tcp", ToPort: 37002,
 		Comment: "evil\" -j ACCEPT\n-A INPUT -j DROP #/x:y"},
+	// A Service with no endpoints: redirected all the same, refused in
+	// filter; its NodePort is not accepted.
+	{Kind: ClusterIP, IP: netip.MustParseAddr("10.96.0.20"), Port: 53, Protocol: "udp", ToPort: 37003, NoEndpoints: true, Comment: "default/empty:dns"},
+	{Kind: NodePort, Port: 30053, Protocol: "udp", ToPort: 37003, NoEndpoints: true, Comment: "default/empty:dns"},
+	{Kind: ClusterIP, IP: netip.MustParseAddr("10.96.0.20"), Port: 80, Protocol: "tcp", ToPort: 37004, NoEndpoints: true, Comment: "default/empty:http"},
 }
 
 // example6 is the IPv6 half of a dual-stack Service: /128 matches.
@@ -28,6 +33,7 @@ var example6 = []Redirect{
 	{Kind: ClusterIP, IP: netip.MustParseAddr("fd00:96::10"), Port: 80, Protocol: "tcp", ToPort: 37010, Comment: "default/web:http"},
 	{Kind: ExternalIP, IP: netip.MustParseAddr("2001:db8::7"), Port: 80, Protocol: "tcp", ToPort: 37010, Comment: "default/web:http"},
 	{Kind: NodePort, Port: 30080, Protocol: "tcp", ToPort: 37010, Comment: "default/web:http"},
+	{Kind: ClusterIP, IP: netip.MustParseAddr("fd00:96::20"), Port: 53, Protocol: "udp", ToPort: 37011, NoEndpoints: true, Comment: "default/empty:dns"},
 }
 
 func TestRenderGolden(t *testing.T) {

@@ -153,10 +153,16 @@ func (t *family) clearStale(old, rs []iptables.Redirect) {
 	}
 }
 
-// mappings are the rules of rs as conntrack sees them.
+// mappings are the rules of rs as conntrack sees them: the ones that lead
+// to a listener with endpoints. The flows of a service port that lost its
+// endpoints are cleared like those of a removed one, so that a UDP
+// client's next datagram is a new flow, which the filter table refuses.
 func mappings(rs []iptables.Redirect) map[conntrack.Mapping]bool {
 	ms := make(map[conntrack.Mapping]bool, len(rs))
 	for _, r := range rs {
+		if r.NoEndpoints {
+			continue
+		}
 		ip := r.IP
 		if r.Kind == iptables.NodePort {
 			ip = netip.Addr{}
@@ -198,7 +204,8 @@ func redirects(s service.Snapshot, ports map[service.Key]int, dns *dnsTarget) ([
 			return
 		}
 		owner[claim] = p.Key()
-		rs = append(rs, iptables.Redirect{Kind: kind, IPv6: p.ClusterIP.Is6(), IP: ip, Port: port, Protocol: proto, ToPort: uint16(listener), Comment: p.Name.String()})
+		rs = append(rs, iptables.Redirect{Kind: kind, IPv6: p.ClusterIP.Is6(), IP: ip, Port: port, Protocol: proto, ToPort: uint16(listener),
+			NoEndpoints: len(p.Endpoints) == 0, Comment: p.Name.String()})
 	}
 	for i := range s.Ports {
 		p := &s.Ports[i]
@@ -238,8 +245,14 @@ func (f *bindFrontend) ipv6() bool { return false }
 
 // binds is every address the Service port is reached at: its ClusterIP,
 // external and load-balancer IPs on the Service port, and the node's
-// addresses on the NodePort.
+// addresses on the NodePort. A service port with no endpoints has no
+// socket at all: its addresses stay local (see point), so the kernel
+// itself refuses its clients, with a reset for TCP and ICMP port
+// unreachable for UDP, as it does for any local port nobody listens on.
 func (f *bindFrontend) binds(p *service.Port) []netip.AddrPort {
+	if len(p.Endpoints) == 0 {
+		return nil
+	}
 	var out []netip.AddrPort
 	for _, ip := range serviceIPs(p) {
 		out = append(out, netip.AddrPortFrom(ip, p.Port))
@@ -270,9 +283,12 @@ func serviceIPs(p *service.Port) []netip.Addr {
 	return append(ips, p.LoadBalancerIPs...)
 }
 
-// point adds the addresses of every service port that has a socket, and
-// removes ours that no Service uses any more. The sockets were bound before
-// the addresses existed (IP_FREEBIND), so traffic finds them listening.
+// point adds the addresses of every service port that has a socket, or
+// has none because it has no endpoints, and removes ours that no Service
+// uses any more. The sockets were bound before the addresses existed
+// (IP_FREEBIND), so traffic finds them listening. A port whose socket
+// could not be opened (its port is taken on the node) gets no address:
+// whatever holds the port would answer in the Service's name.
 func (f *bindFrontend) point(s service.Snapshot, bound map[service.Key][]netip.AddrPort, dns *dnsTarget, _ bool) (bool, error) {
 	var want []netip.Addr
 	if dns != nil {
@@ -280,7 +296,7 @@ func (f *bindFrontend) point(s service.Snapshot, bound map[service.Key][]netip.A
 	}
 	for i := range s.Ports {
 		p := &s.Ports[i]
-		if len(bound[p.Key()]) == 0 {
+		if len(bound[p.Key()]) == 0 && len(p.Endpoints) > 0 {
 			continue
 		}
 		want = append(want, serviceIPs(p)...)

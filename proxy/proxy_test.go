@@ -13,9 +13,9 @@ import (
 func TestRedirectsAndConflicts(t *testing.T) {
 	ip := netip.MustParseAddr("10.96.0.10")
 	a := service.Port{Name: service.PortName{Namespace: "default", Name: "a"}, Protocol: service.TCP, ClusterIP: ip, Port: 80, NodePort: 30080,
-		ExternalIPs: []netip.Addr{netip.MustParseAddr("203.0.113.7")}}
+		ExternalIPs: []netip.Addr{netip.MustParseAddr("203.0.113.7")}, Endpoints: []netip.AddrPort{netip.MustParseAddrPort("10.244.1.2:8080")}}
 	// b claims a's ClusterIP:port and NodePort: both are refused, its own
-	// UDP port is fine.
+	// UDP port is fine, and marked as having no endpoints.
 	b := service.Port{Name: service.PortName{Namespace: "default", Name: "b"}, Protocol: service.TCP, ClusterIP: ip, Port: 80, NodePort: 30080}
 	bUDP := service.Port{Name: service.PortName{Namespace: "default", Name: "b"}, Protocol: service.UDP, ClusterIP: ip, Port: 80}
 	// c has no listener, so it gets no rule.
@@ -29,7 +29,7 @@ func TestRedirectsAndConflicts(t *testing.T) {
 		{Kind: iptables.ClusterIP, IP: ip, Port: 80, Protocol: "tcp", ToPort: 1000, Comment: "default/a"},
 		{Kind: iptables.ExternalIP, IP: netip.MustParseAddr("203.0.113.7"), Port: 80, Protocol: "tcp", ToPort: 1000, Comment: "default/a"},
 		{Kind: iptables.NodePort, Port: 30080, Protocol: "tcp", ToPort: 1000, Comment: "default/a"},
-		{Kind: iptables.ClusterIP, IP: ip, Port: 80, Protocol: "udp", ToPort: 1002, Comment: "default/b"},
+		{Kind: iptables.ClusterIP, IP: ip, Port: 80, Protocol: "udp", ToPort: 1002, NoEndpoints: true, Comment: "default/b"},
 	}
 	if len(rs) != len(want) {
 		t.Fatalf("redirects = %+v, want %+v", rs, want)
@@ -49,9 +49,11 @@ func TestRedirectsAndConflicts(t *testing.T) {
 // without a conflict (one rule in iptables, one in ip6tables).
 func TestRedirectsDualStack(t *testing.T) {
 	name := service.PortName{Namespace: "default", Name: "ds"}
-	v4 := service.Port{Name: name, Protocol: service.TCP, ClusterIP: netip.MustParseAddr("10.96.0.10"), Port: 80, NodePort: 30080}
+	v4 := service.Port{Name: name, Protocol: service.TCP, ClusterIP: netip.MustParseAddr("10.96.0.10"), Port: 80, NodePort: 30080,
+		Endpoints: []netip.AddrPort{netip.MustParseAddrPort("10.244.1.2:8080")}}
 	v6 := v4
 	v6.ClusterIP = netip.MustParseAddr("fd00:96::10")
+	v6.Endpoints = []netip.AddrPort{netip.MustParseAddrPort("[fd00:244::2]:8080")}
 	s, err := service.NewSnapshot([]service.Port{v6, v4})
 	if err != nil {
 		t.Fatal(err)
