@@ -9,7 +9,8 @@
 //     proxy restarted and its listeners got other ports): its datagrams
 //     are refused, for as long as it sends;
 //   - nowhere near us at all, if it started before our rule existed (its
-//     datagrams are routed towards the ClusterIP as to any address).
+//     datagrams are routed towards the ClusterIP as to any address, or,
+//     for a NodePort, refused by the node, whose port nobody listens on).
 //
 // TCP has the second case only while connecting: a SYN sent just before
 // our rule existed is retransmitted on the same flow, which keeps its
@@ -57,7 +58,22 @@ func ClearStale(ipv6 bool, current, removed []Mapping) (uint, error) {
 	if ipv6 {
 		family = netlink.FAMILY_V6
 	}
-	n, err := netlink.ConntrackDeleteFilters(netlink.ConntrackTable, netlink.InetFamily(family), newStale(current, removed))
+	st := newStale(current, removed)
+	if len(st.nodePort) > 0 {
+		// A NodePort flow that nothing NATed is stale only if it was
+		// for one of the node's own addresses: the same port on another
+		// host is none of our business.
+		addrs, err := netlink.AddrList(nil, family)
+		if err != nil {
+			return 0, fmt.Errorf("list the node's addresses: %w", err)
+		}
+		for _, a := range addrs {
+			if ip, ok := netip.AddrFromSlice(a.IP); ok {
+				st.local[ip.Unmap()] = true
+			}
+		}
+	}
+	n, err := netlink.ConntrackDeleteFilters(netlink.ConntrackTable, netlink.InetFamily(family), st)
 	if err != nil {
 		return n, fmt.Errorf("delete stale conntrack entries: %w", err)
 	}
@@ -71,6 +87,7 @@ type stale struct {
 	listener map[frontend]uint16 // current ClusterIP-like frontends
 	nodePort map[frontend]uint16 // current NodePorts (no address)
 	removed  map[Mapping]bool    // UDP only
+	local    map[netip.Addr]bool // the node's addresses, when there are NodePorts
 }
 
 type frontend struct {
@@ -79,7 +96,7 @@ type frontend struct {
 }
 
 func newStale(current, removed []Mapping) *stale {
-	s := &stale{listener: map[frontend]uint16{}, nodePort: map[frontend]uint16{}, removed: map[Mapping]bool{}}
+	s := &stale{listener: map[frontend]uint16{}, nodePort: map[frontend]uint16{}, removed: map[Mapping]bool{}, local: map[netip.Addr]bool{}}
 	for _, m := range current {
 		if m.IP.IsValid() {
 			s.listener[frontend{m.TCP, netip.AddrPortFrom(m.IP, m.Port)}] = m.Listener
@@ -118,8 +135,13 @@ func (s *stale) MatchConntrackFlow(f *netlink.ConntrackFlow) bool {
 	if l, ok := s.listener[frontend{tcp, netip.AddrPortFrom(dst, port)}]; ok && to != l {
 		return true // a ClusterIP (or external, LB) flow not on our listener
 	}
-	if l, ok := s.nodePort[frontend{tcp, netip.AddrPortFrom(netip.Addr{}, port)}]; ok && to != l && to != port {
-		return true // a NodePort flow NATed to a port that is no longer ours
+	if l, ok := s.nodePort[frontend{tcp, netip.AddrPortFrom(netip.Addr{}, port)}]; ok && to != l {
+		if to != port {
+			return true // a NodePort flow NATed to a port that is no longer ours
+		}
+		if s.local[dst] {
+			return true // a NodePort flow from before the rule existed
+		}
 	}
 	return !tcp && (s.removed[Mapping{IP: dst, Port: port, Listener: to}] || s.removed[Mapping{Port: port, Listener: to}])
 }

@@ -142,6 +142,57 @@ func TestClearStale(t *testing.T) {
 	})
 }
 
+// TestClearStaleNodePortBeforeItsRule: a UDP client that began sending to
+// a NodePort of the node before the rule existed (its datagrams refused:
+// nothing listened) has its flow cleared once the rule is there, so its
+// next datagram is redirected. The same port on an address that is not
+// the node's is left alone.
+func TestClearStaleNodePortBeforeItsRule(t *testing.T) {
+	netnstest.Run(t, func() {
+		run(t, "ip", "route", "add", "10.96.0.0/16", "dev", "lo")
+		// The nat table is in use, as on any node: conntrack tracks.
+		run(t, "iptables", "-t", "nat", "-A", "POSTROUTING", "-d", "192.0.2.0/24", "-j", "MASQUERADE")
+		a, gotA := listener(t)
+		send := func(to string) net.Conn {
+			conn, err := net.Dial("udp", to)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { conn.Close() })
+			conn.Write([]byte("x"))
+			return conn
+		}
+		early := send("127.0.0.1:30055")
+		send("10.96.0.99:30055") // not an address of the node
+		before := flows(t)
+		if !before["127.0.0.1:30055->30055"] || !before["10.96.0.99:30055->30055"] {
+			t.Fatalf("conntrack has %v; want both flows, un-NATed", before)
+		}
+		run(t, "iptables", "-t", "nat", "-A", "OUTPUT", "-p", "udp", "--dport", "30055", "-m", "addrtype", "--dst-type", "LOCAL", "-j", "REDIRECT", "--to-ports", strconv.Itoa(int(a)))
+		if n, err := ClearStale(false, []Mapping{{Port: 30055, Listener: a}}, nil); err != nil || n != 1 {
+			t.Fatalf("ClearStale deleted %d, %v; want 1 (the local flow)", n, err)
+		}
+		if f := flows(t); f["127.0.0.1:30055->30055"] || !f["10.96.0.99:30055->30055"] {
+			t.Errorf("after the clear conntrack has %v; want the local flow gone, the other kept", f)
+		}
+		// The first write may only report the refusal of the first
+		// datagram (ECONNREFUSED, nothing sent); a resolver sends again.
+		deadline := time.After(5 * time.Second)
+		tick := time.NewTicker(50 * time.Millisecond)
+		defer tick.Stop()
+		for done := false; !done; {
+			early.Write([]byte("x"))
+			select {
+			case <-gotA:
+				done = true
+			case <-tick.C:
+			case <-deadline:
+				t.Fatal("the early client's next datagrams did not reach the NodePort's listener")
+			}
+		}
+	})
+}
+
 // TestClearStaleConnectingTCP: a connect whose first SYN left before our
 // rule existed completes on its next retransmit once the entry is cleared;
 // an established connection is never cleared.
