@@ -86,8 +86,13 @@ func (f *forwarder) close() {
 // Dial connects to addr from inside namespace n (see visit), so a test can
 // be a client inside a pod without starting a process per request.
 func (n *NS) Dial(network, addr string) (c net.Conn, err error) {
+	return n.DialTimeout(network, addr, 2*time.Second)
+}
+
+// DialTimeout is Dial giving up after timeout.
+func (n *NS) DialTimeout(network, addr string, timeout time.Duration) (c net.Conn, err error) {
 	err = n.visit(func() error {
-		c, err = net.DialTimeout(network, addr, 2*time.Second)
+		c, err = net.DialTimeout(network, addr, timeout)
 		return err
 	})
 	return c, err

@@ -299,12 +299,29 @@ func (ls *Listeners) Sync(s service.Snapshot, binds Binds) (map[service.Key][]ne
 	ls.wantedBinds = make(map[service.Key]map[netip.AddrPort]bool, len(s.Ports))
 	bound := make(map[service.Key][]netip.AddrPort, len(s.Ports))
 	var errs []error
+	// First where every port's sockets go, then the sockets.
+	type plan struct {
+		p     *service.Port
+		binds []netip.AddrPort
+	}
+	var plans []plan
 	for i := range s.Ports {
 		p := &s.Ports[i]
 		if p.Protocol != service.TCP && p.Protocol != service.UDP {
 			errs = append(errs, fmt.Errorf("%s: protocol %q is not supported by a userspace proxy", p.Key(), p.Protocol))
 			continue
 		}
+		pl := plan{p, binds(p)}
+		plans = append(plans, pl)
+		wanted := map[netip.AddrPort]bool{}
+		for _, want := range pl.binds {
+			wanted[want] = true
+		}
+		ls.wantedBinds[p.Key()] = wanted
+	}
+	ls.handOver()
+	for _, pl := range plans {
+		p := pl.p
 		l, ok := ls.active[p.Key()]
 		if !ok {
 			l = &portListener{set: ls, name: p.Name, proto: p.Protocol, log: ls.log.WithField("service", p.Name.String()),
@@ -319,10 +336,7 @@ func (ls *Listeners) Sync(s service.Snapshot, binds Binds) (map[service.Key][]ne
 			}
 		}
 		l.bal.ExpirePins()
-		wanted := map[netip.AddrPort]bool{}
-		ls.wantedBinds[p.Key()] = wanted
-		for _, want := range binds(p) {
-			wanted[want] = true
+		for _, want := range pl.binds {
 			sock, ok := l.sockets[want]
 			if !ok {
 				var err error
@@ -337,6 +351,42 @@ func (ls *Listeners) Sync(s service.Snapshot, binds Binds) (map[service.Key][]ne
 		}
 	}
 	return bound, errors.Join(errs...)
+}
+
+// handOver closes, ahead of CloseUnused, each socket that the new
+// wantedBinds take from its listener and give to another: in bind mode a
+// NodePort, or a Service IP and port, can pass from a Service that one edit
+// removes to one it adds, and the new socket cannot be bound while the
+// old one holds the address. The old Service is going away in this very
+// sync, so its socket closing a moment early loses nothing; waiting for
+// CloseUnused would leave the new Service unserved until the next sync.
+// Ports from the proxy port range (redirect mode) are never shared, so
+// this finds nothing there. ls.mu is held.
+func (ls *Listeners) handOver() {
+	type claim struct {
+		proto service.Protocol
+		addr  netip.AddrPort
+	}
+	claimed := map[claim]service.Key{}
+	for k, wanted := range ls.wantedBinds {
+		for a := range wanted {
+			if a.Port() != 0 {
+				claimed[claim{k.Protocol, a}] = k
+			}
+		}
+	}
+	for k, l := range ls.active {
+		for want, sock := range l.sockets {
+			newOwner, ok := claimed[claim{l.proto, want}]
+			if !ok || newOwner == k || ls.wantedBinds[k][want] {
+				continue
+			}
+			l.log.WithFields(logrus.Fields{"address": want.String(), "to": newOwner.String()}).Info("Handing a listening address over to another service port")
+			ls.closeSocket(want, sock)
+			l.m.sockets.Dec()
+			delete(l.sockets, want)
+		}
+	}
 }
 
 // listenFailed counts and explains a socket of p that could not be

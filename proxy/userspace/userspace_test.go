@@ -391,3 +391,41 @@ func TestSocketsFollowBinds(t *testing.T) {
 		t.Errorf("the kept socket %s: %q, %v", addrs[0], got, err)
 	}
 }
+
+// TestAddressChangesHands: one sync removes a service port and gives its
+// exact address (in bind mode, a NodePort or a Service IP and port) to
+// another. The new one must be served by that very sync, not fail to bind
+// because the old socket still held the address.
+func TestAddressChangesHands(t *testing.T) {
+	ls := newSet(t, Config{})
+	free, err := net.Listen("tcp", "127.0.0.4:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	at := netip.MustParseAddrPort(free.Addr().String())
+	free.Close()
+	fixed := func(*service.Port) []netip.AddrPort { return []netip.AddrPort{at} }
+	old := tcpPort(backend(t, named("old")))
+	if _, err := ls.Sync(snap(t, old), fixed); err != nil {
+		t.Fatal(err)
+	}
+	ls.CloseUnused()
+	heir := tcpPort(backend(t, named("new")))
+	heir.Name.Name = "heir"
+	bound, err := ls.Sync(snap(t, heir), fixed)
+	if err != nil {
+		t.Fatalf("sync giving %s to another service port: %v", at, err)
+	}
+	if got := bound[heir.Key()]; len(got) != 1 || got[0] != at {
+		t.Fatalf("bound = %v, want %s", got, at)
+	}
+	ls.CloseUnused()
+	c, err := net.DialTimeout("tcp", at.String(), time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if got, _ := io.ReadAll(c); string(got) != "new" {
+		t.Errorf("%s answered %q, want the new service port's pod", at, got)
+	}
+}
