@@ -1,0 +1,207 @@
+package integration
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"k8s.io/apimachinery/pkg/util/wait"
+
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/integration/lab"
+)
+
+// emptyService is a NodePort Service whose selector matches no pod, with a
+// TCP and a UDP port. SELECTOR is replaced to give it pods.
+const emptyService = `---
+apiVersion: v1
+kind: Service
+metadata: {name: empty, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.24
+  selector: {app: SELECTOR}
+  ports:
+  - {name: http, port: 80, targetPort: web-port, nodePort: 30084}
+  - {name: echo, port: 5353, protocol: UDP, targetPort: udp-echo, nodePort: 30054}
+`
+
+// refusal reports how ns's attempt to reach addr over network ended: nil
+// when something answered, else the error (for UDP, that of reading the
+// reply to one datagram, which an ICMP port unreachable ends at once).
+// It waits 300ms at most: within retries it, a refusal comes at once, and
+// an attempt that began before a rule existed would otherwise wait for the
+// client's retransmit (a second) and hide how soon the rule came.
+func refusal(ns *lab.NS, network, addr string) error {
+	c, err := ns.DialTimeout(network, addr, 300*time.Millisecond)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(300 * time.Millisecond))
+	// The lab's web pods answer HTTP on TCP, and echo on UDP.
+	ask := "GET / HTTP/1.0\r\n\r\n"
+	if network == "udp" {
+		ask = "anyone?"
+	}
+	if _, err := c.Write([]byte(ask)); err != nil {
+		return err
+	}
+	_, err = c.Read(make([]byte, 64))
+	return err
+}
+
+// TestNoEndpointsRefused: upstream's e2e "should be rejected when no
+// endpoints exist". A connection to a Service with no endpoints fails at
+// once with "connection refused", and a datagram draws ICMP port
+// unreachable, at the ClusterIP and the NodePort, from a pod and from the
+// node, in both modes. Given pods, the Service answers; without them again,
+// it is refused again.
+func TestNoEndpointsRefused(t *testing.T) {
+	for _, mode := range []string{"redirect", "bind"} {
+		t.Run(mode, func(t *testing.T) {
+			l, client, manifest := firstStoryLab(t, strings.ReplaceAll(emptyService, "SELECTOR", "nobody"))
+			// The kernel sends a host at most one ICMP error a second
+			// after a burst of six (net.ipv4.icmp_ratelimit), whoever
+			// refuses: our REJECT rule, or the kernel for a port nobody
+			// binds. A client's retries meet that pace; this test
+			// probes every few milliseconds, so the node's limit is
+			// lifted, or refusals would look like silence.
+			if _, err := l.Node.Run(context.Background(), "sysctl", "-qw", "net.ipv4.icmp_ratelimit=0"); err != nil {
+				t.Fatal(err)
+			}
+			proxy, err := l.StartProxy(tools, manifest, "--mode", mode)
+			if err != nil {
+				t.Fatal(err)
+			}
+			frontends := []struct {
+				from          *lab.NS
+				network, addr string
+			}{
+				{&client.NS, "tcp", "10.96.0.24:80"},
+				{&client.NS, "udp", "10.96.0.24:5353"},
+				{&client.NS, "tcp", fmt.Sprintf("%s:30084", lab.NodeIP)},
+				{&client.NS, "udp", fmt.Sprintf("%s:30054", lab.NodeIP)},
+				{l.Node, "tcp", "10.96.0.24:80"},
+				{l.Node, "udp", "10.96.0.24:5353"},
+			}
+			refused := func() error {
+				var errs []error
+				for _, f := range frontends {
+					if err := refusal(f.from, f.network, f.addr); !errors.Is(err, syscall.ECONNREFUSED) {
+						errs = append(errs, fmt.Errorf("%s %s from %s: %v, want connection refused", f.network, f.addr, f.from.Name, err))
+					}
+				}
+				return errors.Join(errs...)
+			}
+			served := func() error {
+				var errs []error
+				for _, f := range frontends {
+					if err := refusal(f.from, f.network, f.addr); err != nil {
+						errs = append(errs, fmt.Errorf("%s %s from %s: %w", f.network, f.addr, f.from.Name, err))
+					}
+				}
+				return errors.Join(errs...)
+			}
+			if _, err := within(5*time.Second, refused); err != nil {
+				t.Fatal(err)
+			}
+			// Both ways, as quickly as an endpoint change is applied.
+			for _, step := range []struct {
+				selector string
+				want     func() error
+			}{{"web-front-end", served}, {"nobody", refused}, {"web-front-end", served}} {
+				edit(t, manifest, lab.FirstStory().Manifest()+strings.ReplaceAll(emptyService, "SELECTOR", step.selector))
+				took, err := within(5*time.Second, step.want)
+				if err != nil {
+					rules, _ := l.Node.Run(context.Background(), "sh", "-c", "iptables-save -c; cat /proc/net/nf_conntrack; ss -tlnp")
+					t.Fatalf("selector app=%s: %v\nproxy:\n%s\nrules:\n%s", step.selector, err, proxy.Output(), rules)
+				}
+				t.Logf("selector app=%s took effect in %s", step.selector, took.Round(time.Millisecond))
+			}
+		})
+	}
+}
+
+// edit replaces the manifest at path with text, atomically.
+func edit(t *testing.T, path, text string) {
+	t.Helper()
+	tmp := filepath.Join(filepath.Dir(path), ".edit.tmp")
+	if err := os.WriteFile(tmp, []byte(text), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// within retries f until it succeeds or timeout passes, and says how long
+// it took; the error is f's last.
+func within(timeout time.Duration, f func() error) (time.Duration, error) {
+	start := time.Now()
+	var last error
+	err := wait.PollUntilContextTimeout(context.Background(), 20*time.Millisecond, timeout, true, func(context.Context) (bool, error) {
+		last = f()
+		return last == nil, nil
+	})
+	if err != nil {
+		return time.Since(start), fmt.Errorf("not within %s: %w", timeout, last)
+	}
+	return time.Since(start), nil
+}
+
+// nodePortService is a NodePort Service NAME at CLUSTERIP, in front of the
+// first story's pods, on nodePort 30085.
+const nodePortService = `---
+apiVersion: v1
+kind: Service
+metadata: {name: NAME, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: CLUSTERIP
+  selector: {app: web-front-end}
+  ports:
+  - {name: http, port: 8085, targetPort: web-port, nodePort: 30085}
+`
+
+// TestNodePortChangesHands: one edit deletes a NodePort Service and gives
+// its nodePort to a new one. The new Service is served at that NodePort at
+// once, in both modes (in bind mode both are wildcard sockets on the same
+// port: the old one must go before the new one can bind).
+func TestNodePortChangesHands(t *testing.T) {
+	service := func(name, ip string) string {
+		return strings.NewReplacer("NAME", name, "CLUSTERIP", ip).Replace(nodePortService)
+	}
+	for _, mode := range []string{"redirect", "bind"} {
+		t.Run(mode, func(t *testing.T) {
+			l, client, manifest := firstStoryLab(t, service("np-old", "10.96.0.25"))
+			proxy, err := l.StartProxy(tools, manifest, "--mode", mode)
+			if err != nil {
+				t.Fatal(err)
+			}
+			nodePort := fmt.Sprintf("%s:30085", lab.NodeIP)
+			if _, err := within(5*time.Second, func() error { return refusal(&client.NS, "tcp", nodePort) }); err != nil {
+				t.Fatalf("the first Service at its NodePort: %v", err)
+			}
+			edit(t, manifest, lab.FirstStory().Manifest()+service("np-new", "10.96.0.26"))
+			took, err := within(5*time.Second, func() error {
+				if err := refusal(&client.NS, "tcp", "10.96.0.26:8085"); err != nil {
+					return fmt.Errorf("the new Service's ClusterIP: %w", err)
+				}
+				return refusal(&client.NS, "tcp", nodePort)
+			})
+			if err != nil {
+				t.Fatalf("the new Service at the NodePort it took over: %v\nproxy:\n%s", err, proxy.Output())
+			}
+			t.Logf("served at the NodePort %s after the edit", took.Round(time.Millisecond))
+			if strings.Contains(proxy.Output(), "listen for") {
+				t.Errorf("a listener failed on the way:\n%s", proxy.Output())
+			}
+		})
+	}
+}
