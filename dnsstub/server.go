@@ -40,6 +40,9 @@ type Config struct {
 	// MaxTCPConnections bounds the TCP connections served at once; more
 	// wait in the kernel's accept queue. Zero means 1000.
 	MaxTCPConnections int
+	// PodRecords is how pod records are answered (--dns-pod-records).
+	// Empty means PodsInsecure, as kubeadm's Corefile.
+	PodRecords PodRecords
 	// Registerer receives the stub's metrics. Nil means none.
 	Registerer prometheus.Registerer
 	// Log receives what cannot be returned. Nil discards it.
@@ -57,6 +60,8 @@ type Server struct {
 	log     logrus.FieldLogger
 	// forwards holds a token for each query waiting on an upstream.
 	forwards chan struct{}
+	// podRecords is Config.PodRecords, defaulted.
+	podRecords PodRecords
 }
 
 // NewServer returns a stub that answers SERVFAIL for the cluster domain
@@ -81,7 +86,13 @@ func NewServer(cfg Config) (*Server, error) {
 	if cfg.MaxTCPConnections == 0 {
 		cfg.MaxTCPConnections = 1000
 	}
-	s := &Server{origin: dns.Fqdn(strings.ToLower(cfg.Domain)), ttl: cfg.TTL, cfg: cfg, log: cfg.Log,
+	if cfg.PodRecords == "" {
+		cfg.PodRecords = PodsInsecure
+	}
+	if _, err := ParsePodRecords(string(cfg.PodRecords)); err != nil {
+		return nil, err
+	}
+	s := &Server{podRecords: cfg.PodRecords, origin: dns.Fqdn(strings.ToLower(cfg.Domain)), ttl: cfg.TTL, cfg: cfg, log: cfg.Log,
 		forwards: make(chan struct{}, cfg.MaxConcurrentForwards)}
 	if s.log == nil {
 		s.log = nopLog()
@@ -240,7 +251,13 @@ func (s *Server) authoritative(r *dns.Msg, z *Zone, name string, qtype uint16) *
 	m := new(dns.Msg)
 	m.SetReply(r)
 	m.Authoritative = true
-	answer, exists := z.lookup(name, qtype)
+	var answer []dns.RR
+	var exists bool
+	if _, _, pod := z.podName(name); pod {
+		answer, exists = z.pod(name, qtype, s.podRecords)
+	} else {
+		answer, exists = z.lookup(name, qtype)
+	}
 	switch {
 	case !exists:
 		m.Rcode = dns.RcodeNameError

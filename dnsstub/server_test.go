@@ -52,6 +52,9 @@ func testSnapshot() service.Snapshot {
 		{Namespace: "default", Name: "alias", ExternalName: "svc-test-1.default.svc." + domain},
 		{Namespace: "default", Name: "outside", ExternalName: "example.org"},
 		big,
+	}, Pods: []service.PodAddress{
+		{Namespace: "default", IP: netip.MustParseAddr("10.244.1.2")},
+		{Namespace: "default", IP: netip.MustParseAddr("fd00:244::2")},
 	}}
 }
 

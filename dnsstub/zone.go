@@ -11,6 +11,8 @@
 //	                               ExternalName Service
 //	<host>.<svc>.<ns>.svc          A/AAAA of one endpoint of the Service
 //	_<port>._<proto>.<svc>.<ns>.svc  SRV for each named port
+//	<a-b-c-d>.<ns>.pod             A/AAAA of the address the name spells
+//	                               (--dns-pod-records; see PodRecords)
 //	dns-version                    TXT "1.1.0"
 //	<reversed IP>.in-addr.arpa     PTR for ClusterIPs and endpoints
 package dnsstub
@@ -41,6 +43,8 @@ type Zone struct {
 	names map[string][]dns.RR
 	// ptrs holds reverse names (in-addr.arpa, ip6.arpa) we answer.
 	ptrs map[string][]dns.RR
+	// pods are the pod addresses known, for verified pod records.
+	pods map[podKey]bool
 }
 
 // NewZone builds the zone for domain (such as "cluster.local") from s, with
@@ -52,6 +56,10 @@ func NewZone(domain string, ttl time.Duration, s service.Snapshot) *Zone {
 		ttl:    uint32(ttl / time.Second),
 		names:  map[string][]dns.RR{},
 		ptrs:   map[string][]dns.RR{},
+		pods:   make(map[podKey]bool, len(s.Pods)),
+	}
+	for _, p := range s.Pods {
+		z.pods[podKey{strings.ToLower(p.Namespace), p.IP}] = true
 	}
 	// The SOA is CoreDNS's: ns.dns.<zone>, hostmaster.<zone>, and a
 	// negative-answer TTL equal to the record TTL.

@@ -40,6 +40,18 @@ status:
   conditions: [{type: Ready, status: "True"}]
 `
 
+// unreadyWeb is a pod of svc-test-1 that is not ready: an endpoint the
+// Service lists, but not one DNS publishes.
+const unreadyWeb = `---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-unready, namespace: default, labels: {app: web-front-end}}
+spec: {containers: [{name: web, ports: [{name: web-port, containerPort: 8080}]}]}
+status:
+  podIP: 10.244.8.2
+  conditions: [{type: Ready, status: "False"}]
+`
+
 // TestDNSInTheLab: a pod configured as kubelet configures it (search path,
 // ndots:5, the cluster DNS IP as its nameserver) resolves Services by short
 // name through the stub on its node, in both modes; outside names are
@@ -53,7 +65,7 @@ func TestDNSInTheLab(t *testing.T) {
 
 func dnsInTheLab(t *testing.T, mode string) {
 	ctx := context.Background()
-	l, client, manifest := firstStoryLab(t, kubeDNS)
+	l, client, manifest := firstStoryLab(t, kubeDNS+unreadyWeb)
 	coredns := lab.NewWebPod(9, "v1", 8080) // 10.244.9.2, the kube-dns Service's pod
 	if _, err := l.AddWeb(tools, coredns); err != nil {
 		t.Fatal(err)
@@ -107,6 +119,39 @@ func dnsInTheLab(t *testing.T, mode string) {
 		out, err := client.Run(ctx, "nslookup", "www.example.org")
 		if err != nil || !strings.Contains(string(out), "192.0.2.80") {
 			t.Errorf("nslookup www.example.org: %v\n%s", err, out)
+		}
+	})
+	t.Run("pod records", func(t *testing.T) {
+		// kubeadm's CoreDNS (pods insecure), which upstream's DNS
+		// conformance probes expect.
+		out, err := client.Run(ctx, "dig", "+short", "10-244-1-2.default.pod."+clusterDomain)
+		if err != nil || strings.TrimSpace(string(out)) != "10.244.1.2" {
+			t.Errorf("dig 10-244-1-2.default.pod: %q, %v; want 10.244.1.2", out, err)
+		}
+	})
+	t.Run("reverse lookups of a not-ready endpoint and of an unknown address alike", func(t *testing.T) {
+		// Both are forwarded (kubeadm's fallthrough in-addr.arpa): the
+		// lab's upstream answers NXDOMAIN, without the AA bit the stub's
+		// own answers carry.
+		summary := func(ip string) string {
+			out, _ := client.Run(ctx, "dig", "-x", ip)
+			var status, flags string
+			for line := range strings.Lines(string(out)) {
+				if _, rest, ok := strings.Cut(line, "status: "); ok {
+					status, _, _ = strings.Cut(rest, ",")
+				}
+				if _, rest, ok := strings.Cut(line, ";; flags: "); ok {
+					flags, _, _ = strings.Cut(rest, ";")
+				}
+			}
+			return status + " (" + flags + ")"
+		}
+		unready, unknown := summary("10.244.8.2"), summary("10.244.77.77")
+		if unready != unknown || unready != "NXDOMAIN (qr rd ra)" {
+			t.Errorf("dig -x: not-ready endpoint %s, unknown address %s; want both NXDOMAIN from upstream (qr rd ra)", unready, unknown)
+		}
+		if ours := summary(lab.ClusterIP.String()); !strings.HasPrefix(ours, "NOERROR (qr aa") {
+			t.Errorf("dig -x %s (the ClusterIP): %s, want the stub's own answer", lab.ClusterIP, ours)
 		}
 	})
 	t.Run("upstream down: SERVFAIL in under 3s", func(t *testing.T) {

@@ -79,6 +79,7 @@ func newDNS(cfg *Config) (*dnsstub.Server, error) {
 	return dnsstub.NewServer(dnsstub.Config{
 		Domain:     cfg.ClusterDomain,
 		TTL:        cfg.DNSTTL,
+		PodRecords: cfg.DNSPodRecords,
 		Upstreams:  ups,
 		Registerer: cfg.Registry,
 		Log:        cfg.log(),

@@ -28,7 +28,6 @@ import (
 	"github.com/sirupsen/logrus"
 	"golang.org/x/sync/errgroup"
 	v1 "k8s.io/api/core/v1"
-	discovery "k8s.io/api/discovery/v1"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/client-go/kubernetes"
 
@@ -91,6 +90,9 @@ type Config struct {
 	DNSUpstreams []string
 	// DNSTTL is the TTL of the stub's records. Zero means 5s.
 	DNSTTL time.Duration
+	// DNSPodRecords is how the stub answers pod records
+	// (--dns-pod-records). Empty means insecure, as kubeadm's CoreDNS.
+	DNSPodRecords dnsstub.PodRecords
 	// Registry collects the proxy's metrics, served on /metrics. Nil means
 	// a new one.
 	Registry *prometheus.Registry
@@ -194,7 +196,7 @@ func Run(ctx context.Context, cfg Config) error {
 	publish := func(u watch.Update) {
 		hl.queued()
 		hm.lastQueued.SetToCurrentTime()
-		offer(snaps, change{snap: p.build(u.Services, u.EndpointSlices, cfg.NodeName), triggers: u.Triggers,
+		offer(snaps, change{snap: p.build(u, cfg.NodeName), triggers: u.Triggers,
 			serviceChanges: u.ServiceChanges, endpointChanges: u.EndpointSliceChanges})
 	}
 	g.Go(func() error {
@@ -223,6 +225,7 @@ func Run(ctx context.Context, cfg Config) error {
 			publish(watch.Update{
 				Services:       services,
 				EndpointSlices: slices.Concat(objs.EndpointSlices, manifest.PodSlices(services, objs.Pods)),
+				Pods:           objs.Pods,
 			})
 		})
 		if err != nil {
@@ -352,14 +355,15 @@ type proxier struct {
 	pendingServices, pendingSlices int
 }
 
-// build makes the Snapshot for Services and EndpointSlices, from either
-// source. IPv6 halves of service ports are left out when the frontend
-// cannot serve them (it said so once, at start).
-func (p *proxier) build(services []*v1.Service, endpointSlices []*discovery.EndpointSlice, nodeName string) service.Snapshot {
-	s, warnings := snapshot.Build(services, endpointSlices, nodeName)
+// build makes the Snapshot for an update from either source. IPv6 halves
+// of service ports are left out when the frontend cannot serve them (it
+// said so once, at start).
+func (p *proxier) build(u watch.Update, nodeName string) service.Snapshot {
+	s, warnings := snapshot.Build(u.Services, u.EndpointSlices, nodeName)
 	for _, w := range warnings {
 		p.log.WithError(w).Warn("Service port not proxied")
 	}
+	s = snapshot.WithPods(s, u.Pods)
 	if !p.front.ipv6() {
 		s.Ports = slices.DeleteFunc(s.Ports, func(sp service.Port) bool { return sp.ClusterIP.Is6() })
 	}

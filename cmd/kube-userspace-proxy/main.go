@@ -76,6 +76,7 @@ type options struct {
 	clusterDomain    string
 	dnsUpstreams     []string
 	dnsTTL           time.Duration
+	dnsPodRecords    string
 	nodePortAddrs    []string
 	hostnameOverride string
 	cleanup          bool
@@ -147,6 +148,7 @@ and carries each connection to one of the Service's pods, round robin.`,
 	f.StringVar(&o.clusterDomain, "cluster-domain", "cluster.local", "the cluster's DNS domain")
 	f.StringSliceVar(&o.dnsUpstreams, "dns-upstream", nil, "DNS servers (IP or IP:port) for names outside the cluster domain (default: the node's /etc/resolv.conf, loopback servers skipped)")
 	f.DurationVar(&o.dnsTTL, "dns-ttl", 5*time.Second, "TTL of the DNS stub's records")
+	f.StringVar(&o.dnsPodRecords, "dns-pod-records", string(dnsstub.PodsInsecure), "pod records <a-b-c-d>.<namespace>.pod.<cluster-domain>, as CoreDNS's \"pods\" option: insecure (any address, kubeadm's Corefile), verified (only addresses of pods the proxy knows) or disabled")
 	f.StringVar(&o.metricsAddr, "metrics-bind-address", "127.0.0.1:10249", "where /metrics and /proxyMode are served (host:port; empty for nowhere)")
 	f.BoolVar(&o.profiling, "profiling", false, "serve Go's /debug/pprof on --metrics-bind-address")
 	f.StringVar(&o.healthzAddr, "healthz-bind-address", "0.0.0.0:10256", "where /healthz and /livez are served (host:port; empty for nowhere)")
@@ -284,6 +286,9 @@ func (o *options) config(log logrus.FieldLogger) (proxy.Config, error) {
 		}
 		upstreams = append(upstreams, up)
 	}
+	if _, err := dnsstub.ParsePodRecords(o.dnsPodRecords); err != nil {
+		errs = append(errs, err)
+	}
 	if o.dnsTTL < time.Second || o.dnsTTL > time.Hour {
 		errs = append(errs, fmt.Errorf("--dns-ttl %s: want 1s to 1h", o.dnsTTL))
 	}
@@ -378,6 +383,7 @@ func (o *options) config(log logrus.FieldLogger) (proxy.Config, error) {
 		ClusterDomain:       o.clusterDomain,
 		DNSUpstreams:        upstreams,
 		DNSTTL:              o.dnsTTL,
+		DNSPodRecords:       dnsstub.PodRecords(o.dnsPodRecords),
 		Backend:             backend,
 		NodePortAddresses:   nodePortAddrs,
 		NodeName:            nodeName,

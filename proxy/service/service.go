@@ -144,6 +144,22 @@ type Snapshot struct {
 	// Services is the DNS view: every Service, headless and ExternalName
 	// ones too (they have no port to proxy, but names to answer).
 	Services []Service
+	// Pods are the pod addresses the proxy knows of, sorted: those that
+	// EndpointSlices name as a Pod's, and the Pods of a manifest. DNS
+	// answers pod records (<a-b-c-d>.<ns>.pod.<zone>) for them alone when
+	// it verifies pods.
+	Pods []PodAddress
+}
+
+// PodAddress is one address of a pod in its namespace.
+type PodAddress struct {
+	Namespace string
+	IP        netip.Addr
+}
+
+// Compare orders pod addresses by namespace, then IP.
+func (a PodAddress) Compare(b PodAddress) int {
+	return cmp.Or(cmp.Compare(a.Namespace, b.Namespace), a.IP.Compare(b.IP))
 }
 
 // Service is one Service as DNS sees it (the Kubernetes DNS-Based Service

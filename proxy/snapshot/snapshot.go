@@ -20,6 +20,7 @@
 package snapshot
 
 import (
+	"cmp"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -92,6 +93,7 @@ func Build(services []*v1.Service, endpointSlices []*discovery.EndpointSlice, no
 	}
 	snap, err := service.NewSnapshot(ports)
 	snap.Services = dnsServices(services, bySvc)
+	snap.Pods = slicePods(endpointSlices)
 	if err != nil {
 		// Port names are unique within a Service, so this means two
 		// objects claim one name: keep going with nothing rather than a
@@ -264,6 +266,51 @@ func dnsServices(services []*v1.Service, bySvc map[[2]string][]*discovery.Endpoi
 		return strings.Compare(a.Namespace+"/"+a.Name, b.Namespace+"/"+b.Name)
 	})
 	return out
+}
+
+// slicePods are the addresses EndpointSlices give as pods' (their
+// targetRef is a Pod), ready or not: the pods a proxy that may not read
+// Pods (system:node-proxier) can know of.
+func slicePods(endpointSlices []*discovery.EndpointSlice) []service.PodAddress {
+	var out []service.PodAddress
+	for _, s := range endpointSlices {
+		for _, ep := range s.Endpoints {
+			if ep.TargetRef == nil || ep.TargetRef.Kind != "Pod" {
+				continue
+			}
+			ns := cmp.Or(ep.TargetRef.Namespace, s.Namespace)
+			for _, a := range ep.Addresses {
+				if ip, err := netip.ParseAddr(a); err == nil {
+					out = append(out, service.PodAddress{Namespace: ns, IP: ip})
+				}
+			}
+		}
+	}
+	return sortedPods(out)
+}
+
+// WithPods adds the addresses of pods (a manifest's Pods) to the pods s
+// knows of.
+func WithPods(s service.Snapshot, pods []*v1.Pod) service.Snapshot {
+	all := slices.Clone(s.Pods)
+	for _, pod := range pods {
+		ips := []string{pod.Status.PodIP}
+		for _, a := range pod.Status.PodIPs {
+			ips = append(ips, a.IP)
+		}
+		for _, a := range ips {
+			if ip, err := netip.ParseAddr(a); err == nil {
+				all = append(all, service.PodAddress{Namespace: pod.Namespace, IP: ip})
+			}
+		}
+	}
+	s.Pods = sortedPods(all)
+	return s
+}
+
+func sortedPods(pods []service.PodAddress) []service.PodAddress {
+	slices.SortFunc(pods, service.PodAddress.Compare)
+	return slices.Compact(pods)
 }
 
 // dnsEndpoints lists the ready endpoints of a Service's slices, once per

@@ -130,6 +130,9 @@ type Config struct {
 type Update struct {
 	Services       []*v1.Service
 	EndpointSlices []*discovery.EndpointSlice
+	// Pods are a manifest's Pods; the cluster source watches none (the
+	// proxy's role may not read them).
+	Pods []*v1.Pod
 	// ServiceChanges and EndpointSliceChanges count the object changes
 	// since the previous Update: what this Update applies.
 	ServiceChanges, EndpointSliceChanges int
