@@ -37,6 +37,7 @@ const (
 	ChainNodePortContainer = "KUP-NODEPORT-CONTAINER"
 	ChainNodePortHost      = "KUP-NODEPORT-HOST"
 	ChainNodePortNonLocal  = "KUP-NODEPORT-NON-LOCAL"
+	ChainReplies           = "KUP-REPLIES"
 )
 
 // Chains are the names one proxy's rules live under. Two proxies on one
@@ -45,6 +46,14 @@ const (
 // carry a token made from its name.
 type Chains struct {
 	PortalsContainer, PortalsHost, NodePortContainer, NodePortHost, NodePortNonLocal string
+	// Replies (mangle, from PREROUTING) marks the packets that belong to
+	// our transparent sockets (--preserve-source-ip); only written when
+	// ReplyMark is set.
+	Replies string
+	// ReplyMark is the packet mark bit of Replies, which a policy route
+	// delivers locally (package replyroute); zero when the client's
+	// address is not kept.
+	ReplyMark uint32
 	// name is the proxy name, for the jumps' comments; empty for the
 	// default proxy.
 	name string
@@ -57,12 +66,12 @@ var DefaultChains = ChainsFor("")
 // (--service-proxy-name): the plain names for "", else each followed by
 // "-" and Token(name).
 func ChainsFor(name string) Chains {
-	c := Chains{ChainPortalsContainer, ChainPortalsHost, ChainNodePortContainer, ChainNodePortHost, ChainNodePortNonLocal, name}
+	c := Chains{ChainPortalsContainer, ChainPortalsHost, ChainNodePortContainer, ChainNodePortHost, ChainNodePortNonLocal, ChainReplies, 0, name}
 	if name == "" {
 		return c
 	}
 	suffix := "-" + Token(name)
-	for _, n := range []*string{&c.PortalsContainer, &c.PortalsHost, &c.NodePortContainer, &c.NodePortHost, &c.NodePortNonLocal} {
+	for _, n := range []*string{&c.PortalsContainer, &c.PortalsHost, &c.NodePortContainer, &c.NodePortHost, &c.NodePortNonLocal, &c.Replies} {
 		*n += suffix
 	}
 	return c
@@ -130,8 +139,19 @@ type jump struct {
 // jumps are the rules that hook our chains into the kernel's. Portal jumps
 // go first in PREROUTING and OUTPUT; NodePort jumps go last and only for
 // packets to a local address, so a ClusterIP or load-balancer rule always wins
-// over a NodePort that happens to use the same port number.
+// over a NodePort that happens to use the same port number. The mangle jump
+// is there only while the client's address is kept.
 func (c Chains) jumps() []jump {
+	all := c.allJumps()
+	if c.ReplyMark == 0 {
+		return all[:len(all)-1]
+	}
+	return all
+}
+
+// allJumps are jumps with the mangle one, whatever ReplyMark says: what
+// Cleanup removes.
+func (c Chains) allJumps() []jump {
 	who := "kube-userspace-proxy"
 	if c.name != "" {
 		who += " " + safeComment(c.name)
@@ -142,6 +162,7 @@ func (c Chains) jumps() []jump {
 		{"nat", "PREROUTING", false, []string{"-m", "addrtype", "--dst-type", "LOCAL", "-m", "comment", "--comment", who + " service nodeports; must stay last", "-j", c.NodePortContainer}},
 		{"nat", "OUTPUT", false, []string{"-m", "addrtype", "--dst-type", "LOCAL", "-m", "comment", "--comment", who + " service nodeports; must stay last", "-j", c.NodePortHost}},
 		{"filter", "INPUT", true, []string{"-m", "comment", "--comment", who + " lets non-local nodeport traffic reach its listeners", "-j", c.NodePortNonLocal}},
+		{"mangle", "PREROUTING", true, []string{"-m", "comment", "--comment", who + " replies to its transparent sockets", "-j", c.Replies}},
 	}
 }
 
@@ -179,6 +200,12 @@ func (c Chains) Render(redirects []Redirect, bind netip.Addr) []byte {
 	}
 	b.WriteString("COMMIT\n*filter\n")
 	fmt.Fprintf(&b, ":%s - [0:0]\n", c.NodePortNonLocal)
+	if c.ReplyMark != 0 {
+		// A reply to a transparent socket of ours is addressed to a
+		// client's port, which may be the number of a listener port:
+		// the guard below is not for it.
+		fmt.Fprintf(&b, "-A %s -m mark --mark %#x/%#x -m comment --comment \"kube-userspace-proxy: replies to transparent sockets\" -j RETURN\n", c.NodePortNonLocal, c.ReplyMark, c.ReplyMark)
+	}
 	// Our listeners bind every address of the node, so a listener port is
 	// reachable from anywhere the node is: a ClusterIP-only Service, or the
 	// DNS stub (an open resolver), straight from another host. Only traffic
@@ -231,6 +258,18 @@ func (c Chains) Render(redirects []Redirect, bind netip.Addr) []byte {
 			c.NodePortNonLocal, r.Protocol, safeComment(r.Comment), r.Protocol, r.ToPort)
 	}
 	b.WriteString("COMMIT\n")
+	if c.ReplyMark != 0 {
+		// --preserve-source-ip: an endpoint answers a connection we made
+		// from a client pod's address by sending to that address, which
+		// routing would hand to the client pod itself. A packet of a
+		// flow in its reply direction that belongs to one of our
+		// transparent sockets is marked instead, and the mark's policy
+		// route delivers it locally, to that socket.
+		fmt.Fprintf(&b, "*mangle\n:%s - [0:0]\n", c.Replies)
+		fmt.Fprintf(&b, "-A %s -m conntrack --ctdir REPLY -m socket --transparent -m comment --comment \"kube-userspace-proxy: reply to a connection made from a client's address\" -j MARK --set-xmark %#x/%#x\n",
+			c.Replies, c.ReplyMark, c.ReplyMark)
+		b.WriteString("COMMIT\n")
+	}
 	return []byte(b.String())
 }
 

@@ -37,18 +37,22 @@ var example6 = []Redirect{
 }
 
 func TestRenderGolden(t *testing.T) {
+	transparent := DefaultChains
+	transparent.ReplyMark = 0x1000000
 	tests := []struct {
 		name      string
+		chains    Chains
 		redirects []Redirect
 		bind      netip.Addr
 	}{
-		{"redirect", example, netip.IPv4Unspecified()},
-		{"dnat", example, netip.MustParseAddr("10.0.0.5")},
-		{"redirect-ipv6", example6, netip.Addr{}},
+		{"redirect", DefaultChains, example, netip.IPv4Unspecified()},
+		{"dnat", DefaultChains, example, netip.MustParseAddr("10.0.0.5")},
+		{"redirect-ipv6", DefaultChains, example6, netip.Addr{}},
+		{"preserve-source-ip", transparent, example[:2], netip.IPv4Unspecified()},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			got := DefaultChains.Render(tt.redirects, tt.bind)
+			got := tt.chains.Render(tt.redirects, tt.bind)
 			path := filepath.Join("testdata", tt.name+".golden")
 			if *update {
 				if err := os.WriteFile(path, got, 0o644); err != nil {
@@ -99,7 +103,7 @@ func repeat(c byte, n int) string {
 func TestChainNamesFitTheKernel(t *testing.T) {
 	for _, name := range []string{"", "a", strings.Repeat("x", 63)} {
 		c := ChainsFor(name)
-		for _, chain := range []string{c.PortalsContainer, c.PortalsHost, c.NodePortContainer, c.NodePortHost, c.NodePortNonLocal} {
+		for _, chain := range []string{c.PortalsContainer, c.PortalsHost, c.NodePortContainer, c.NodePortHost, c.NodePortNonLocal, c.Replies} {
 			if len(chain) > 28 {
 				t.Errorf("chain %s has %d characters; the kernel takes 28", chain, len(chain))
 			}

@@ -218,7 +218,7 @@ func (t *Table) ensureJump(j jump, rules []string) error {
 // there is nothing to remove is not an error.
 func (t *Table) Cleanup() error {
 	var errs []error
-	for _, j := range t.chains.jumps() {
+	for _, j := range t.chains.allJumps() {
 		if ok, _ := t.ipt.ChainExists(j.table, j.spec[len(j.spec)-1]); !ok {
 			continue
 		}
@@ -226,7 +226,7 @@ func (t *Table) Cleanup() error {
 			errs = append(errs, fmt.Errorf("delete jump %s/%s: %w", j.table, j.from, err))
 		}
 	}
-	for _, j := range t.chains.jumps() {
+	for _, j := range t.chains.allJumps() {
 		chain := j.spec[len(j.spec)-1]
 		ok, err := t.ipt.ChainExists(j.table, chain)
 		if err != nil {

@@ -16,6 +16,7 @@ import (
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/localaddr"
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/service"
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/userspace"
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/replyroute"
 )
 
 // Modes: how Service traffic reaches our listeners (--mode).
@@ -338,6 +339,7 @@ func newFrontend(cfg *Config, log logrus.FieldLogger, listeners *userspace.Liste
 			return nil, err
 		}
 		log.WithField("device", f.device.Name()).Info("Mode bind: Service addresses are local to the node; no netfilter rules")
+		dropSourcePreservation(cfg, log, listeners)
 		return f, nil
 	case ModeAuto:
 		f, err := newRedirect(cfg, log, listeners, restoreFailures)
@@ -353,6 +355,7 @@ func newFrontend(cfg *Config, log logrus.FieldLogger, listeners *userspace.Liste
 			return nil, fmt.Errorf("mode auto: redirect failed (%v) and bind failed: %w", err, berr)
 		}
 		log.WithError(err).WithField("device", b.device.Name()).Warn("Mode auto chose bind: the kernel cannot NAT (creating our nat chain failed)")
+		dropSourcePreservation(cfg, log, listeners)
 		return b, nil
 	default:
 		return nil, fmt.Errorf("--mode %q: want redirect, bind or auto", mode)
@@ -368,6 +371,15 @@ func newRedirect(cfg *Config, log logrus.FieldLogger, listeners *userspace.Liste
 		}
 	}
 	chains := iptables.ChainsFor(cfg.ServiceProxyName)
+	if len(cfg.Listeners.PreserveSourceFrom) > 0 {
+		// Replies to connections made from a client pod's address are
+		// marked (mangle) and routed to local delivery (replyroute).
+		if err := replyroute.Default.Ensure(); err != nil {
+			return nil, fmt.Errorf("--preserve-source-ip: %w", err)
+		}
+		chains.ReplyMark = replyroute.Default.Mark
+		log.WithField("localPodCIDRs", cfg.Listeners.PreserveSourceFrom).Info("Endpoints see the client's own address for connections from this node's pods")
+	}
 	table, err := iptables.New(backend, iptables.IPv4, cfg.Listeners.BindAddress, chains)
 	if err != nil {
 		return nil, err
@@ -397,6 +409,17 @@ func newBind(cfg *Config, log logrus.FieldLogger) (*bindFrontend, error) {
 		return nil, fmt.Errorf("bind mode: %w", err)
 	}
 	return &bindFrontend{log: log, device: device, nodePortAddresses: cfg.NodePortAddresses}, nil
+}
+
+// dropSourcePreservation turns --preserve-source-ip off in bind mode, which
+// has no mangle table to send the endpoints' replies back to us, and says
+// so: traffic is served from the node's address, as without the flag.
+func dropSourcePreservation(cfg *Config, log logrus.FieldLogger, listeners *userspace.Listeners) {
+	if len(cfg.Listeners.PreserveSourceFrom) == 0 {
+		return
+	}
+	listeners.DropSourcePreservation()
+	log.Warn("--preserve-source-ip needs redirect mode (netfilter's mangle table and socket match); in bind mode endpoints see the node's address")
 }
 
 // proxyToken tells one proxy's rules and addresses from another's on the

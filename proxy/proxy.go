@@ -39,6 +39,7 @@ import (
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/snapshot"
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/userspace"
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/watch"
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/replyroute"
 )
 
 // Config is everything Run needs. Zero fields take the defaults their
@@ -310,6 +311,13 @@ func Cleanup(log logrus.FieldLogger, serviceProxyName string) error {
 		errs = append(errs, fmt.Errorf("service addresses: %w", err))
 	} else {
 		log.Info("Removed our Service addresses")
+	}
+	if serviceProxyName == "" {
+		// --preserve-source-ip's reply route (one per node: only the
+		// default proxy keeps client addresses).
+		if err := replyroute.Default.Cleanup(); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	for _, family := range []iptables.Family{iptables.IPv4, iptables.IPv6} {
 		for _, b := range iptables.Available(family) {

@@ -78,6 +78,8 @@ type options struct {
 	dnsTTL           time.Duration
 	dnsPodRecords    string
 	nodePortAddrs    []string
+	preserveSource   bool
+	localPodCIDRs    []string
 	hostnameOverride string
 	cleanup          bool
 	logFormat        string
@@ -143,6 +145,8 @@ and carries each connection to one of the Service's pods, round robin.`,
 	f.DurationVar(&o.shutdownGrace, "shutdown-grace-period", proxy.DefaultShutdownGracePeriod, "on SIGTERM, how long established connections may go on finishing before the rest are reset; keep it below the pod's terminationGracePeriodSeconds")
 	f.DurationVar(&o.syncPeriod, "iptables-sync-period", 30*time.Second, "how often everything is applied again even without a change, putting back rules someone else deleted")
 	f.StringVar(&o.mode, "mode", proxy.ModeRedirect, "how Service traffic reaches the listeners: redirect (iptables REDIRECT), bind (Service IPs made local, no netfilter at all), or auto (redirect if the kernel can NAT, else bind)")
+	f.BoolVar(&o.preserveSource, "preserve-source-ip", false, "endpoints see the client's own address and port, not the node's, for connections from this node's pods (--local-pod-cidrs) to a Service: dialed with IP_TRANSPARENT, replies routed back by a mangle rule and a policy route; redirect mode only; other clients are dialed from the node")
+	f.StringSliceVar(&o.localPodCIDRs, "local-pod-cidrs", nil, "with --preserve-source-ip, the CIDRs of this node's pods (its spec.podCIDRs), such as 10.244.1.0/24")
 	f.StringSliceVar(&o.nodePortAddrs, "nodeport-addresses", nil, "in bind mode, CIDRs selecting the node addresses NodePorts are served on (default: all)")
 	f.StringVar(&o.clusterDNS, "cluster-dns", "", "kubelet's clusterDNS IP (such as 10.96.0.10): the embedded DNS stub answers port 53 there for pods and the node; empty for no stub")
 	f.StringVar(&o.clusterDomain, "cluster-domain", "cluster.local", "the cluster's DNS domain")
@@ -268,6 +272,26 @@ func (o *options) config(log logrus.FieldLogger) (proxy.Config, error) {
 		}
 		nodePortAddrs = append(nodePortAddrs, p.Masked())
 	}
+	var localPods []netip.Prefix
+	for _, c := range o.localPodCIDRs {
+		p, err := netip.ParsePrefix(c)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("--local-pod-cidrs %q: not a CIDR (want this node's pod CIDR, such as 10.244.1.0/24)", c))
+			continue
+		}
+		localPods = append(localPods, p.Masked())
+	}
+	switch {
+	case o.preserveSource && len(o.localPodCIDRs) == 0:
+		errs = append(errs, errors.New("--preserve-source-ip needs --local-pod-cidrs: the CIDRs of this node's pods (the Node's spec.podCIDRs), whose connections can keep their address"))
+	case !o.preserveSource && len(o.localPodCIDRs) > 0:
+		errs = append(errs, errors.New("--local-pod-cidrs is used by --preserve-source-ip only: add that flag, or drop this one"))
+	case o.preserveSource && o.serviceProxyName != "":
+		errs = append(errs, errors.New("--preserve-source-ip with --service-proxy-name: only the default proxy of a node can keep client addresses (the reply route is one per node)"))
+	}
+	if !o.preserveSource {
+		localPods = nil
+	}
 	var clusterDNS netip.Addr
 	if o.clusterDNS != "" {
 		if clusterDNS, err = netip.ParseAddr(o.clusterDNS); err != nil || !clusterDNS.Is4() {
@@ -368,6 +392,7 @@ func (o *options) config(log logrus.FieldLogger) (proxy.Config, error) {
 			TCPMaxConnectionsPerPort: o.tcpMaxPerPort,
 			UDPMaxSessions:           udpMax,
 			UDPMaxSessionsPerPort:    o.udpMaxPerPort,
+			PreserveSourceFrom:       localPods,
 			Log:                      log,
 		},
 		ShutdownGracePeriod: o.shutdownGrace,

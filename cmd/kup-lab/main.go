@@ -35,6 +35,7 @@ func main() {
 func webCommand() *cobra.Command {
 	var listen, text string
 	var port, udpPort int
+	var logPeers bool
 	cmd := &cobra.Command{
 		Use:   "web",
 		Short: "Serve a greeting over HTTP and echo UDP with it (a pod's server)",
@@ -54,6 +55,9 @@ func webCommand() *cobra.Command {
 					if err != nil {
 						return
 					}
+					if logPeers {
+						fmt.Printf("peer udp %s\n", from)
+					}
 					pc.WriteTo(append([]byte(text+"\n"), buf[:n]...), from)
 				}
 			}()
@@ -63,6 +67,9 @@ func webCommand() *cobra.Command {
 				// push bytes through the proxy and check them. The body is
 				// read whole first: once a reply is under way, Go's server
 				// may stop reading the request of a kept-alive connection.
+				if logPeers {
+					fmt.Printf("peer tcp %s\n", r.RemoteAddr)
+				}
 				body, err := io.ReadAll(io.LimitReader(r.Body, 64<<20))
 				if err != nil {
 					http.Error(w, err.Error(), http.StatusBadRequest)
@@ -77,6 +84,7 @@ func webCommand() *cobra.Command {
 	cmd.Flags().IntVar(&port, "port", 8080, "HTTP port")
 	cmd.Flags().IntVar(&udpPort, "udp-port", 5353, "UDP echo port")
 	cmd.Flags().StringVar(&text, "text", "hello", "greeting")
+	cmd.Flags().BoolVar(&logPeers, "log-peers", false, "print the address each request and datagram came from (\"peer tcp ADDR\", \"peer udp ADDR\")")
 	return cmd
 }
 

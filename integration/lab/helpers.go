@@ -31,10 +31,12 @@ func (l *Lab) AddWebOn(node *NS, t Tools, w WebPod) (*Proc, error) {
 }
 
 // StartWeb starts web pod w's server in pod p, which exists: the first
-// time, or again after the server was killed.
-func (l *Lab) StartWeb(p *Pod, t Tools, w WebPod) (*Proc, error) {
-	proc, err := l.Start(&p.NS, t.Helper, "web", "--listen", "::", // both families
-		"--port", strconv.Itoa(w.WebPort), "--udp-port", strconv.Itoa(UDPTargetPort), "--text", w.Greeting())
+// time, or again after the server was killed. extra are more flags of
+// kup-lab web, such as --log-peers.
+func (l *Lab) StartWeb(p *Pod, t Tools, w WebPod, extra ...string) (*Proc, error) {
+	args := append([]string{"web", "--listen", "::", // both families
+		"--port", strconv.Itoa(w.WebPort), "--udp-port", strconv.Itoa(UDPTargetPort), "--text", w.Greeting()}, extra...)
+	proc, err := l.Start(&p.NS, t.Helper, args...)
 	if err != nil {
 		return nil, err
 	}

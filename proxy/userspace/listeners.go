@@ -78,6 +78,16 @@ type Config struct {
 	// endpoint for one connection, each attempt going to the next endpoint.
 	// Nil means upstream's 250ms, 500ms, 1s, 2s.
 	DialTimeouts []time.Duration
+	// PreserveSourceFrom, when not empty, makes the endpoint see the
+	// client's own address and port for clients inside these prefixes,
+	// the pods of this node (--preserve-source-ip, --local-pod-cidrs):
+	// the connection to the endpoint is made from that address with
+	// IP_TRANSPARENT, and the endpoint's replies, which are sent to the
+	// client's address and so reach this node, are routed to our socket
+	// by package replyroute and the mangle rules of package iptables.
+	// Other clients are dialed from the node as before. See
+	// transparent.go.
+	PreserveSourceFrom []netip.Prefix
 	// Log receives what cannot be returned: per-connection failures.
 	// Nil discards it.
 	Log logrus.FieldLogger

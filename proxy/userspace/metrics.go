@@ -23,6 +23,9 @@ type Metrics struct {
 	// listenFailures: sockets that could not be opened, by protocol and
 	// reason (port_in_use, other).
 	listenFailures *prometheus.CounterVec
+	// sourceIP: connections and sessions dialed with the client's own
+	// address (--preserve-source-ip), by result.
+	sourceIP *prometheus.CounterVec
 }
 
 // Connection results.
@@ -58,11 +61,14 @@ func NewMetrics(reg prometheus.Registerer) (*Metrics, error) {
 			Help: "Listening sockets open for Service traffic."}, []string{"protocol"}),
 		listenFailures: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "listen_failures_total",
 			Help: "Listening sockets for Service traffic that could not be opened (retried every sync), by reason: port_in_use (bind mode: the node already listens on that port), other."}, []string{"protocol", "reason"}),
+		sourceIP: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "source_ip_total",
+			Help: "With --preserve-source-ip: connections (TCP) and sessions (UDP) by how the endpoint saw the client: preserved (the client's address and port), preserved_other_port (its address, another port: its own was taken towards that endpoint), " +
+				"not_local_pod (the node's address: the client is not a pod of this node), same_pod (the node's address: the client reached itself), failed (the node's address: the kernel refused the transparent socket)."}, []string{"protocol", "result"}),
 		acceptErrs: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "listener_errors_total",
 			Help: "Accept and read errors on listening sockets (such as too many open files); each is retried after a backoff."}, []string{"protocol"}),
 	}
 	if reg != nil {
-		for _, c := range []prometheus.Collector{m.connections, m.active, m.bytes, m.dialErrors, m.dialRetries, m.expired, m.evicted, m.refused, m.sockets, m.acceptErrs, m.listenFailures} {
+		for _, c := range []prometheus.Collector{m.connections, m.active, m.bytes, m.dialErrors, m.dialRetries, m.expired, m.evicted, m.refused, m.sockets, m.acceptErrs, m.listenFailures, m.sourceIP} {
 			if err := reg.Register(c); err != nil {
 				return nil, err
 			}

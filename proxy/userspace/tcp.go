@@ -95,7 +95,7 @@ func (l *portListener) handle(client *net.TCPConn) {
 		l.log.WithField("client", client.RemoteAddr()).Debug("Refused connection: service has no endpoints")
 		return
 	}
-	backend, endpoint, err := l.dial(l.set.ctx, choice)
+	backend, endpoint, err := l.dial(l.set.ctx, choice, client.RemoteAddr().(*net.TCPAddr).AddrPort())
 	if err != nil {
 		client.SetLinger(0)
 		l.m.dialError.Inc()
@@ -123,13 +123,13 @@ func (l *portListener) handle(client *net.TCPConn) {
 }
 
 // dial tries the endpoints of choice in order, one per timeout of
-// Config.DialTimeouts, and returns the first connection that succeeds.
-func (l *portListener) dial(ctx context.Context, choice balancer.Choice) (*net.TCPConn, netip.AddrPort, error) {
+// Config.DialTimeouts, and returns the first connection that succeeds. It
+// dials from the node, or from client's address (see dialFrom).
+func (l *portListener) dial(ctx context.Context, choice balancer.Choice, client netip.AddrPort) (*net.TCPConn, netip.AddrPort, error) {
 	var errs []error
 	for attempt, timeout := range l.set.cfg.dialTimeouts() {
 		ep := choice.Endpoint(attempt)
-		d := net.Dialer{Timeout: timeout, KeepAliveConfig: keepAlive}
-		c, err := d.DialContext(ctx, "tcp", ep.String())
+		c, err := l.set.dialFrom(ctx, l.log, "tcp", client, ep, timeout)
 		if attempt > 0 {
 			l.m.dialRetries.Inc()
 		}

@@ -245,12 +245,12 @@ func (u *udpSocket) session(client netip.AddrPort, local netip.Addr) *udpSession
 	var ep netip.AddrPort
 	for attempt := range choice.Len() {
 		ep = choice.Endpoint(attempt)
-		c, err := net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(ep))
+		c, err := u.set.dialFrom(u.set.ctx, u.log, "udp", client, ep, 0)
 		if attempt > 0 {
 			u.m.dialRetries.Inc()
 		}
 		if err == nil {
-			backend = c
+			backend = c.(*net.UDPConn)
 			break
 		}
 		u.m.dialErrors.Inc()

@@ -1,0 +1,168 @@
+package integration
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/integration/lab"
+)
+
+// sourceIPManifest: "near" is served by web-1 on the client's node, "far"
+// by web-2 on another node; both have a TCP and a UDP port.
+const sourceIPManifest = `apiVersion: v1
+kind: Service
+metadata: {name: near, namespace: default}
+spec:
+  clusterIP: 10.96.0.40
+  selector: {app: near}
+  ports:
+  - {name: http, port: 80, targetPort: 8080}
+  - {name: echo, port: 5353, protocol: UDP, targetPort: 5353}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: far, namespace: default}
+spec:
+  clusterIP: 10.96.0.41
+  selector: {app: far}
+  ports:
+  - {name: http, port: 80, targetPort: 8080}
+  - {name: echo, port: 5353, protocol: UDP, targetPort: 5353}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: default, labels: {app: near}}
+spec: {containers: [{name: web}]}
+status: {podIP: 10.244.1.2, conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-2, namespace: default, labels: {app: far}}
+spec: {containers: [{name: web}]}
+status: {podIP: 10.244.2.2, conditions: [{type: Ready, status: "True"}]}
+`
+
+// peerSeen waits for web to print the peer of a request over proto
+// ("tcp" or "udp") after line from, and returns it.
+func peerSeen(web *lab.Proc, from int, proto string) (string, error) {
+	i, err := web.WaitFor(from, 10*time.Second, func(s string) bool { return strings.HasPrefix(s, "peer "+proto+" ") })
+	if err != nil {
+		return "", err
+	}
+	return strings.TrimPrefix(web.Lines(i)[0], "peer "+proto+" "), nil
+}
+
+// exchange sends one request to addr from ns (HTTP over TCP, a datagram
+// over UDP), reads the answer, and returns the client's own address.
+func exchange(ns *lab.NS, network, addr string) (string, error) {
+	c, err := ns.Dial(network, addr)
+	if err != nil {
+		return "", err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	ask := "GET / HTTP/1.0\r\n\r\n"
+	if network == "udp" {
+		ask = "who am I?"
+	}
+	if _, err := c.Write([]byte(ask)); err != nil {
+		return "", err
+	}
+	if _, err := c.Read(make([]byte, 512)); err != nil {
+		return "", err
+	}
+	return c.LocalAddr().String(), nil
+}
+
+// TestPreserveSourceIP: upstream's e2e "should preserve source pod IP for
+// traffic thru service cluster IP". With --preserve-source-ip the endpoint
+// sees the client pod's own address and port, over TCP and UDP, whether
+// it runs on the client's node or on another; without it, the node's. The
+// node's own connections are dialed from the node either way, and counted.
+func TestPreserveSourceIP(t *testing.T) {
+	for _, preserve := range []bool{true, false} {
+		t.Run(fmt.Sprintf("preserve=%v", preserve), func(t *testing.T) {
+			l := newLab(t)
+			nodeB, err := l.AddNode("node-b")
+			if err != nil {
+				t.Fatal(err)
+			}
+			client, err := l.AddPod("client", lab.ClientPod)
+			if err != nil {
+				t.Fatal(err)
+			}
+			webs := map[string]*lab.Proc{}
+			for _, w := range []struct {
+				svc  string
+				node *lab.NS
+				pod  lab.WebPod
+			}{{"near", l.Node, lab.NewWebPod(1, "v1", 8080)}, {"far", nodeB, lab.NewWebPod(2, "v1", 8080)}} {
+				p, err := l.AddPodOn(w.node, w.pod.Name, w.pod.Index)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if webs[w.svc], err = l.StartWeb(p, tools, w.pod, "--log-peers"); err != nil {
+					t.Fatal(err)
+				}
+			}
+			manifest := filepath.Join(t.TempDir(), "lab.yaml")
+			if err := os.WriteFile(manifest, []byte(sourceIPManifest), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			var args []string
+			if preserve {
+				args = []string{"--preserve-source-ip", "--local-pod-cidrs", fmt.Sprintf("10.244.%d.0/24", lab.ClientPod)}
+			}
+			if _, err := l.StartProxy(tools, manifest, args...); err != nil {
+				t.Fatal(err)
+			}
+			for _, svc := range []struct{ name, ip string }{{"near", "10.96.0.40"}, {"far", "10.96.0.41"}} {
+				for _, proto := range []string{"tcp", "udp"} {
+					port := map[string]string{"tcp": "80", "udp": "5353"}[proto]
+					from := webs[svc.name].NumLines()
+					me, err := exchange(&client.NS, proto, net.JoinHostPort(svc.ip, port))
+					if err != nil {
+						t.Errorf("%s %s from the client pod: %v", svc.name, proto, err)
+						continue
+					}
+					peer, err := peerSeen(webs[svc.name], from, proto)
+					if err != nil {
+						t.Errorf("%s %s: %v", svc.name, proto, err)
+						continue
+					}
+					t.Logf("%s over %s: client %s, the pod saw %s", svc.name, proto, me, peer)
+					if kept := peer == me; kept != preserve {
+						t.Errorf("%s over %s: the pod saw %s, the client was %s; want the client's address kept: %v", svc.name, proto, peer, me, preserve)
+					}
+				}
+			}
+			// The node's own connection: from the node, whatever the flag.
+			from := webs["near"].NumLines()
+			if _, err := exchange(l.Node, "tcp", "10.96.0.40:80"); err != nil {
+				t.Fatal(err)
+			}
+			if peer, err := peerSeen(webs["near"], from, "tcp"); err != nil || !strings.HasPrefix(peer, "10.244.1.1:") {
+				t.Errorf("the node's connection reached the pod from %s, %v; want the node's 10.244.1.1", peer, err)
+			}
+			metrics, err := l.Node.Curl(context.Background(), "http://127.0.0.1:10249/metrics")
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, series := range []string{
+				`kube_userspace_proxy_source_ip_total{protocol="TCP",result="preserved"} 2`,
+				`kube_userspace_proxy_source_ip_total{protocol="UDP",result="preserved"} 2`,
+				`kube_userspace_proxy_source_ip_total{protocol="TCP",result="not_local_pod"} 1`,
+			} {
+				if strings.Contains(metrics, series) != preserve {
+					t.Errorf("metrics have %s: %v; want %v", series, !preserve, preserve)
+				}
+			}
+		})
+	}
+}

@@ -1,0 +1,144 @@
+package userspace
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/netip"
+	"syscall"
+	"time"
+
+	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
+)
+
+// Keeping the client's address (--preserve-source-ip).
+//
+// A userspace proxy ends the client's connection and opens its own to the
+// endpoint, so by default the pod behind a Service sees the node as its
+// peer. For a client that is a pod of this node, the proxy can instead open
+// the endpoint connection from the client's own address and port: a socket
+// with IP_TRANSPARENT may bind an address the node does not have. The
+// endpoint then answers the client's address. That address is routed to
+// this node (the client lives here), where the reply would be forwarded on
+// to the client pod, which knows no such connection; instead a mangle rule
+// marks every packet that belongs to one of our transparent sockets
+// (`-m socket --transparent`) and a policy route delivers marked packets
+// locally (`ip rule fwmark ... lookup T`, `local default dev lo table T`),
+// so the reply reaches our socket. docs/source-ip.md walks the packets.
+//
+// It cannot work for a client outside the node: a reply from an endpoint
+// on another node would go to the client directly, never through us. Such
+// clients, and the node's own connections, are dialed from the node as
+// before, and counted.
+
+// Results of choosing the source of an endpoint connection, the
+// source_ip_total metric's labels.
+const (
+	sourcePreserved   = "preserved"
+	sourceOtherPort   = "preserved_other_port"
+	sourceNotLocalPod = "not_local_pod"
+	sourceSamePod     = "same_pod"
+	sourceFailed      = "failed"
+)
+
+// DropSourcePreservation turns --preserve-source-ip off, for a frontend
+// that cannot route the replies back (bind mode has no mangle table). Call
+// it before the first Sync.
+func (ls *Listeners) DropSourcePreservation() {
+	ls.mu.Lock()
+	defer ls.mu.Unlock()
+	ls.cfg.PreserveSourceFrom = nil
+}
+
+// transparentSource is the address to dial endpoint from for client: the
+// client's own when it is a pod of this node and not the endpoint itself,
+// else none (the node's). why is the reason for the metric; it is empty
+// when the feature is off.
+func (ls *Listeners) transparentSource(client, endpoint netip.AddrPort) (src netip.AddrPort, why string) {
+	if len(ls.cfg.PreserveSourceFrom) == 0 {
+		return netip.AddrPort{}, ""
+	}
+	ip := client.Addr().Unmap()
+	if ip == endpoint.Addr().Unmap() {
+		// A pod that reaches itself through its Service: a packet from
+		// its own address would be dropped by its kernel as a martian.
+		return netip.AddrPort{}, sourceSamePod
+	}
+	for _, p := range ls.cfg.PreserveSourceFrom {
+		if p.Contains(ip) {
+			return netip.AddrPortFrom(ip, client.Port()), sourcePreserved
+		}
+	}
+	return netip.AddrPort{}, sourceNotLocalPod
+}
+
+// transparentDialer dials from src with IP_TRANSPARENT (IPV6_TRANSPARENT),
+// which needs CAP_NET_ADMIN. SO_REUSEADDR lets several of our sockets
+// share one client address and port towards different endpoints; the
+// kernel still refuses two with the same four-tuple.
+func transparentDialer(src netip.AddrPort, timeout time.Duration, network string) *net.Dialer {
+	d := &net.Dialer{Timeout: timeout, KeepAliveConfig: keepAlive}
+	if network == "tcp" {
+		d.LocalAddr = net.TCPAddrFromAddrPort(src)
+	} else {
+		d.LocalAddr = net.UDPAddrFromAddrPort(src)
+	}
+	d.Control = func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		err := c.Control(func(fd uintptr) {
+			level, opt := unix.IPPROTO_IP, unix.IP_TRANSPARENT
+			if src.Addr().Is6() {
+				level, opt = unix.IPPROTO_IPV6, unix.IPV6_TRANSPARENT
+			}
+			if serr = unix.SetsockoptInt(int(fd), level, opt, 1); serr == nil {
+				serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEADDR, 1)
+			}
+		})
+		return errors.Join(err, serr)
+	}
+	return d
+}
+
+// dialFrom connects to endpoint over network ("tcp" or "udp") from the
+// client's address when transparentSource says so, else from the node. A
+// transparent dial whose port is taken is tried again on a port of the
+// kernel's choosing; one the kernel refuses altogether (no CAP_NET_ADMIN)
+// falls back to the node's address. Every outcome is counted.
+func (ls *Listeners) dialFrom(ctx context.Context, log logrus.FieldLogger, network string, client, endpoint netip.AddrPort, timeout time.Duration) (net.Conn, error) {
+	proto := "TCP"
+	if network == "udp" {
+		proto = "UDP"
+	}
+	src, why := ls.transparentSource(client, endpoint)
+	if src.IsValid() {
+		c, err := transparentDialer(src, timeout, network).DialContext(ctx, network, endpoint.String())
+		if isPortTaken(err) {
+			why = sourceOtherPort
+			c, err = transparentDialer(netip.AddrPortFrom(src.Addr(), 0), timeout, network).DialContext(ctx, network, endpoint.String())
+		}
+		if err == nil || !isBindRefused(err) {
+			ls.cfg.Metrics.sourceIP.WithLabelValues(proto, why).Inc()
+			return c, err
+		}
+		why = sourceFailed
+		ls.logDropped.Log(log.WithError(err), func(e *logrus.Entry) {
+			e.Warn("Could not dial an endpoint from the client's address (--preserve-source-ip needs CAP_NET_ADMIN); dialing from the node")
+		})
+	}
+	if why != "" {
+		ls.cfg.Metrics.sourceIP.WithLabelValues(proto, why).Inc()
+	}
+	d := net.Dialer{Timeout: timeout, KeepAliveConfig: keepAlive}
+	return d.DialContext(ctx, network, endpoint.String())
+}
+
+// isPortTaken: the client's port is in use towards that endpoint already.
+func isPortTaken(err error) bool {
+	return errors.Is(err, unix.EADDRINUSE) || errors.Is(err, unix.EADDRNOTAVAIL)
+}
+
+// isBindRefused: the kernel would not make the transparent socket.
+func isBindRefused(err error) bool {
+	return errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES) || isPortTaken(err)
+}
