@@ -166,3 +166,73 @@ func TestPreserveSourceIP(t *testing.T) {
 		})
 	}
 }
+
+// TestProxyProtocol: a Service annotated for PROXY protocol v2 sends its
+// endpoint, ahead of the client's bytes, a header naming the client and
+// the address the client connected to: the ClusterIP, or the node's
+// address and NodePort, as conntrack kept them. The endpoint requires the
+// header, so a connection without it would fail. Both modes.
+func TestProxyProtocol(t *testing.T) {
+	const manifest = `apiVersion: v1
+kind: Service
+metadata:
+  name: pp
+  namespace: default
+  annotations: {kube-userspace-proxy.io/proxy-protocol: v2}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.42
+  selector: {app: pp}
+  ports:
+  - {name: http, port: 80, targetPort: 8080, nodePort: 30086}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: default, labels: {app: pp}}
+spec: {containers: [{name: web}]}
+status: {podIP: 10.244.1.2, conditions: [{type: Ready, status: "True"}]}
+`
+	for _, mode := range []string{"redirect", "bind"} {
+		t.Run(mode, func(t *testing.T) {
+			l := newLab(t)
+			client, err := l.AddPod("client", lab.ClientPod)
+			if err != nil {
+				t.Fatal(err)
+			}
+			w := lab.NewWebPod(1, "v1", 8080)
+			p, err := l.AddPod(w.Name, w.Index)
+			if err != nil {
+				t.Fatal(err)
+			}
+			web, err := l.StartWeb(p, tools, w, "--log-peers", "--proxy-protocol")
+			if err != nil {
+				t.Fatal(err)
+			}
+			path := filepath.Join(t.TempDir(), "lab.yaml")
+			if err := os.WriteFile(path, []byte(manifest), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := l.StartProxy(tools, path, "--mode", mode); err != nil {
+				t.Fatal(err)
+			}
+			for _, to := range []string{"10.96.0.42:80", lab.NodeIP.String() + ":30086"} {
+				from := web.NumLines()
+				me, err := exchange(&client.NS, "tcp", to)
+				if err != nil {
+					t.Fatalf("to %s: %v", to, err)
+				}
+				peer, err := peerSeen(web, from, "tcp")
+				if err != nil {
+					t.Fatal(err)
+				}
+				dst, err := web.WaitFor(from, 5*time.Second, func(s string) bool { return strings.HasPrefix(s, "dst tcp ") })
+				if err != nil {
+					t.Fatal(err)
+				}
+				if got := strings.TrimPrefix(web.Lines(dst)[0], "dst tcp "); peer != me || got != to {
+					t.Errorf("to %s from %s: the header said client %s, destination %s", to, me, peer, got)
+				}
+			}
+		})
+	}
+}

@@ -369,7 +369,7 @@ type proxier struct {
 func (p *proxier) build(u watch.Update, nodeName string) service.Snapshot {
 	s, warnings := snapshot.Build(u.Services, u.EndpointSlices, nodeName)
 	for _, w := range warnings {
-		p.log.WithError(w).Warn("Service port not proxied")
+		p.log.WithError(w).Warn("Service not served as written")
 	}
 	s = snapshot.WithPods(s, u.Pods)
 	if !p.front.ipv6() {

@@ -17,6 +17,7 @@ import (
 	"sync"
 	"time"
 
+	proxyproto "github.com/pires/go-proxyproto"
 	"github.com/spf13/cobra"
 
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/integration/lab"
@@ -35,7 +36,7 @@ func main() {
 func webCommand() *cobra.Command {
 	var listen, text string
 	var port, udpPort int
-	var logPeers bool
+	var logPeers, proxyProtocol bool
 	cmd := &cobra.Command{
 		Use:   "web",
 		Short: "Serve a greeting over HTTP and echo UDP with it (a pod's server)",
@@ -43,6 +44,11 @@ func webCommand() *cobra.Command {
 			ln, err := net.Listen("tcp", net.JoinHostPort(listen, fmt.Sprint(port)))
 			if err != nil {
 				return err
+			}
+			if proxyProtocol {
+				// Every connection must start with a PROXY header; its
+				// addresses become the connection's.
+				ln = &proxyproto.Listener{Listener: ln, ConnPolicy: func(proxyproto.ConnPolicyOptions) (proxyproto.Policy, error) { return proxyproto.REQUIRE, nil }}
 			}
 			pc, err := net.ListenPacket("udp", net.JoinHostPort(listen, fmt.Sprint(udpPort)))
 			if err != nil {
@@ -69,6 +75,9 @@ func webCommand() *cobra.Command {
 				// may stop reading the request of a kept-alive connection.
 				if logPeers {
 					fmt.Printf("peer tcp %s\n", r.RemoteAddr)
+					if proxyProtocol {
+						fmt.Printf("dst tcp %s\n", r.Context().Value(http.LocalAddrContextKey))
+					}
 				}
 				body, err := io.ReadAll(io.LimitReader(r.Body, 64<<20))
 				if err != nil {
@@ -84,6 +93,7 @@ func webCommand() *cobra.Command {
 	cmd.Flags().IntVar(&port, "port", 8080, "HTTP port")
 	cmd.Flags().IntVar(&udpPort, "udp-port", 5353, "UDP echo port")
 	cmd.Flags().StringVar(&text, "text", "hello", "greeting")
+	cmd.Flags().BoolVar(&proxyProtocol, "proxy-protocol", false, "require a PROXY protocol header on every TCP connection, and take the client from it")
 	cmd.Flags().BoolVar(&logPeers, "log-peers", false, "print the address each request and datagram came from (\"peer tcp ADDR\", \"peer udp ADDR\")")
 	return cmd
 }

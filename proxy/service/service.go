@@ -127,11 +127,21 @@ type Port struct {
 	// InternalLocal is internalTrafficPolicy Local: Endpoints hold only
 	// this node's.
 	InternalLocal bool
+	// ProxyProtocol makes each TCP connection to an endpoint start with a
+	// PROXY protocol v2 header naming the client and the address it
+	// connected to (the Service's AnnotationProxyProtocol).
+	ProxyProtocol bool
 
 	// Endpoints are the pod addresses (pod IP and targetPort) chosen for
 	// traffic, sorted. Empty means connections are refused.
 	Endpoints []netip.AddrPort
 }
+
+// AnnotationProxyProtocol, set to "v2" on a Service, makes its TCP ports
+// send endpoints a PROXY protocol v2 header first: for endpoints (HAProxy,
+// nginx, Envoy, most ingress controllers) that learn the client's address
+// that way, where it cannot be kept on the packets.
+const AnnotationProxyProtocol = "kube-userspace-proxy.io/proxy-protocol"
 
 // Key is the listener key of p.
 func (p Port) Key() Key { return Key{Name: p.Name, Protocol: p.Protocol, IPv6: p.ClusterIP.Is6()} }

@@ -59,6 +59,15 @@ func Build(services []*v1.Service, endpointSlices []*discovery.EndpointSlice, no
 			continue
 		}
 		local := svc.Spec.InternalTrafficPolicy != nil && *svc.Spec.InternalTrafficPolicy == v1.ServiceInternalTrafficPolicyLocal
+		proxyProtocol := false
+		switch v, ok := svc.Annotations[service.AnnotationProxyProtocol]; {
+		case !ok:
+		case v == "v2":
+			proxyProtocol = true
+		default:
+			warnings = append(warnings, fmt.Errorf("service %s/%s: annotation %s=%q: want \"v2\" (the PROXY protocol version sent); served without the header",
+				svc.Namespace, svc.Name, service.AnnotationProxyProtocol, v))
+		}
 		for _, clusterIP := range clusterIPs {
 			// Each family of a dual-stack Service is proxied on its own:
 			// its ClusterIP, the external and load-balancer IPs of its
@@ -86,6 +95,7 @@ func Build(services []*v1.Service, endpointSlices []*discovery.EndpointSlice, no
 					LoadBalancerIPs: ingressIPs(svc, ipv6),
 					Affinity:        affinity(svc),
 					InternalLocal:   local,
+					ProxyProtocol:   proxyProtocol && proto == service.TCP,
 					Endpoints:       endpoints(bySvc[[2]string{svc.Namespace, svc.Name}], sp.Name, proto, ipv6, local, nodeName),
 				})
 			}

@@ -203,3 +203,42 @@ func TestFrontendsAndAffinity(t *testing.T) {
 		t.Errorf("port = %+v", p)
 	}
 }
+
+// TestProxyProtocolAnnotation: "v2" turns the header on for TCP ports;
+// any other value is reported and the Service served without it.
+func TestProxyProtocolAnnotation(t *testing.T) {
+	annotated := func(v string) func(*v1.Service) {
+		return func(s *v1.Service) {
+			s.Annotations = map[string]string{service.AnnotationProxyProtocol: v}
+			s.Spec.Ports = append(s.Spec.Ports, v1.ServicePort{Name: "dns", Port: 53, Protocol: v1.ProtocolUDP})
+		}
+	}
+	s, warnings := Build([]*v1.Service{svc("on", annotated("v2")), svc("typo", annotated("2")), svc("off", nil)}, nil, "")
+	if len(warnings) != 1 || !strings.Contains(warnings[0].Error(), `"2"`) {
+		t.Errorf("warnings = %v, want one naming the bad value", warnings)
+	}
+	for _, p := range s.Ports {
+		want := p.Name.Name == "on" && p.Protocol == service.TCP
+		if p.ProxyProtocol != want {
+			t.Errorf("%s: ProxyProtocol = %v, want %v", p.Key(), p.ProxyProtocol, want)
+		}
+	}
+}
+
+// TestKnownPods: the pods a snapshot knows are those slices name as Pods'
+// (ready or not), and a manifest's Pods.
+func TestKnownPods(t *testing.T) {
+	s1 := slice("a", "web", 80, ep{ip: "10.244.1.2"}, ep{ip: "10.244.1.3", ready: ptr(false)}, ep{ip: "10.244.9.9"})
+	s1.Endpoints[0].TargetRef = &v1.ObjectReference{Kind: "Pod", Name: "web-1"}
+	s1.Endpoints[1].TargetRef = &v1.ObjectReference{Kind: "Pod", Namespace: "default", Name: "web-2"}
+	s, _ := Build([]*v1.Service{svc("web", nil)}, []*discovery.EndpointSlice{s1}, "")
+	s = WithPods(s, []*v1.Pod{{ObjectMeta: metav1.ObjectMeta{Namespace: "prod", Name: "db"}, Status: v1.PodStatus{PodIP: "10.244.2.2"}}})
+	want := []service.PodAddress{
+		{Namespace: "default", IP: netip.MustParseAddr("10.244.1.2")},
+		{Namespace: "default", IP: netip.MustParseAddr("10.244.1.3")},
+		{Namespace: "prod", IP: netip.MustParseAddr("10.244.2.2")},
+	}
+	if !slices.Equal(s.Pods, want) {
+		t.Errorf("pods = %v, want %v (10.244.9.9 has no Pod targetRef)", s.Pods, want)
+	}
+}

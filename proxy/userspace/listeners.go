@@ -245,6 +245,9 @@ type portListener struct {
 	m       *protoMetrics
 	sockets map[netip.AddrPort]socket // by the address asked for
 	conns   atomic.Int64              // TCP connections accepted and not yet ended
+	// proxyProtocol: each endpoint connection starts with a PROXY v2
+	// header (service.Port.ProxyProtocol), as of the last Sync.
+	proxyProtocol atomic.Bool
 }
 
 // socket is one bound socket of a listener, TCP or UDP.
@@ -346,6 +349,7 @@ func (ls *Listeners) Sync(s service.Snapshot, binds Binds) (map[service.Key][]ne
 			}
 		}
 		l.bal.ExpirePins()
+		l.proxyProtocol.Store(p.ProxyProtocol)
 		for _, want := range pl.binds {
 			sock, ok := l.sockets[want]
 			if !ok {

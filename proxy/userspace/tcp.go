@@ -105,6 +105,15 @@ func (l *portListener) handle(client *net.TCPConn) {
 		return
 	}
 	defer backend.Close()
+	if l.proxyProtocol.Load() {
+		if err := sendProxyHeader(client, backend); err != nil {
+			client.SetLinger(0)
+			backend.SetLinger(0)
+			l.m.dialError.Inc()
+			l.log.WithError(err).WithField("endpoint", endpoint).Debug("Dropped connection")
+			return
+		}
+	}
 	conn := newTCPConn(client, backend, l.set.cfg.TCPIdleTimeout, l.set.cfg.halfCloseTimeout())
 	if !l.set.track(conn) {
 		conn.abort()
