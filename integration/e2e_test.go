@@ -205,3 +205,33 @@ func TestNodePortChangesHands(t *testing.T) {
 		})
 	}
 }
+
+// TestManifestHonoursServiceLabels: kube-proxy never proxies a Service
+// labelled service.kubernetes.io/headless, nor one that names another
+// proxy in service.kubernetes.io/service-proxy-name; a manifest is read
+// with the same filter as the API server is asked for.
+func TestManifestHonoursServiceLabels(t *testing.T) {
+	labelled := func(name, ip, label string) string {
+		withLabel := strings.Replace(nodePortService, "namespace: default}", "namespace: default, labels: {"+label+"}}", 1)
+		return strings.NewReplacer("NAME", name, "CLUSTERIP", ip).Replace(withLabel)
+	}
+	extra := labelled("headless-label", "10.96.0.27", "service.kubernetes.io/headless: \"\"") +
+		strings.ReplaceAll(labelled("other-proxy", "10.96.0.28", "service.kubernetes.io/service-proxy-name: other"), "30085", "30087")
+	l, client, manifest := firstStoryLab(t, extra)
+	proxy, err := l.StartProxy(tools, manifest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := proxy.Output()
+	if !strings.Contains(out, `"service":"default/svc-test-1:http"`) {
+		t.Fatalf("the story's Service was not served:\n%s", out)
+	}
+	for _, name := range []string{"headless-label", "other-proxy"} {
+		if strings.Contains(out, "default/"+name) {
+			t.Errorf("%s was served:\n%s", name, out)
+		}
+	}
+	if err := refusal(&client.NS, "tcp", "10.96.0.27:8085"); err == nil {
+		t.Error("the headless-labelled Service's ClusterIP answered")
+	}
+}
