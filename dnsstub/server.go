@@ -150,6 +150,15 @@ func (s *Server) Serve(ctx context.Context, pc net.PacketConn, ln net.Listener) 
 	for _, srv := range servers {
 		srv.ShutdownContext(shutdown)
 	}
+	// A server that had not started yet when ctx ended refuses Shutdown
+	// ("server not started") and would then serve forever: closing its
+	// socket ends it all the same.
+	if pc != nil {
+		pc.Close()
+	}
+	if ln != nil {
+		ln.Close()
+	}
 	wg.Wait()
 	return err
 }
