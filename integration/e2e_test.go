@@ -38,22 +38,35 @@ spec:
 // an attempt that began before a rule existed would otherwise wait for the
 // client's retransmit (a second) and hide how soon the rule came.
 func refusal(ns *lab.NS, network, addr string) error {
-	c, err := ns.DialTimeout(network, addr, 300*time.Millisecond)
+	_, err := exchangeWithin(ns, network, addr, 300*time.Millisecond)
+	return err
+}
+
+// exchange sends one request to addr from ns (HTTP over TCP to the lab's
+// web pods, a datagram over UDP to their echo), reads the answer, and
+// returns the client's own address.
+func exchange(ns *lab.NS, network, addr string) (string, error) {
+	return exchangeWithin(ns, network, addr, 5*time.Second)
+}
+
+func exchangeWithin(ns *lab.NS, network, addr string, timeout time.Duration) (string, error) {
+	c, err := ns.DialTimeout(network, addr, timeout)
 	if err != nil {
-		return err
+		return "", err
 	}
 	defer c.Close()
-	c.SetDeadline(time.Now().Add(300 * time.Millisecond))
-	// The lab's web pods answer HTTP on TCP, and echo on UDP.
+	c.SetDeadline(time.Now().Add(timeout))
 	ask := "GET / HTTP/1.0\r\n\r\n"
 	if network == "udp" {
 		ask = "anyone?"
 	}
 	if _, err := c.Write([]byte(ask)); err != nil {
-		return err
+		return "", err
 	}
-	_, err = c.Read(make([]byte, 64))
-	return err
+	if _, err := c.Read(make([]byte, 512)); err != nil {
+		return "", err
+	}
+	return c.LocalAddr().String(), nil
 }
 
 // TestNoEndpointsRefused: upstream's e2e "should be rejected when no

@@ -58,28 +58,6 @@ func peerSeen(web *lab.Proc, from int, proto string) (string, error) {
 	return strings.TrimPrefix(web.Lines(i)[0], "peer "+proto+" "), nil
 }
 
-// exchange sends one request to addr from ns (HTTP over TCP, a datagram
-// over UDP), reads the answer, and returns the client's own address.
-func exchange(ns *lab.NS, network, addr string) (string, error) {
-	c, err := ns.Dial(network, addr)
-	if err != nil {
-		return "", err
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(5 * time.Second))
-	ask := "GET / HTTP/1.0\r\n\r\n"
-	if network == "udp" {
-		ask = "who am I?"
-	}
-	if _, err := c.Write([]byte(ask)); err != nil {
-		return "", err
-	}
-	if _, err := c.Read(make([]byte, 512)); err != nil {
-		return "", err
-	}
-	return c.LocalAddr().String(), nil
-}
-
 // TestPreserveSourceIP: upstream's e2e "should preserve source pod IP for
 // traffic thru service cluster IP". With --preserve-source-ip the endpoint
 // sees the client pod's own address and port, over TCP and UDP, whether

@@ -312,10 +312,19 @@ func (l *Lab) Start(n *NS, name string, args ...string) (*Proc, error) {
 	l.mu.Lock()
 	l.procs = append(l.procs, p)
 	l.mu.Unlock()
-	go p.read(r)
+	read := make(chan struct{})
+	go func() {
+		defer close(read)
+		p.read(r)
+	}()
 	go func() {
 		p.err = cmd.Wait()
 		w.Close()
+		// Wait has copied the output into the pipe, but the reader may
+		// not have stored its last lines yet: done must come after
+		// them, or WaitFor could report an exit before a line the
+		// process did print.
+		<-read
 		close(p.done)
 	}()
 	return p, nil
