@@ -141,6 +141,22 @@ func TestPreserveSourceIP(t *testing.T) {
 					t.Errorf("metrics have %s: %v; want %v", series, !preserve, preserve)
 				}
 			}
+			if !preserve {
+				return
+			}
+			// --cleanup takes the mangle chain, the rule and the route away.
+			ctx := context.Background()
+			if out, err := l.Node.Run(ctx, "sh", "-c", "iptables-save -t mangle; ip rule; ip route show table 27509"); err != nil ||
+				!strings.Contains(string(out), "KUP-REPLIES") || !strings.Contains(string(out), "lookup 27509") || !strings.Contains(string(out), "local default dev lo") {
+				t.Errorf("while serving, the node lacks the mangle chain, rule or route (%v):\n%s", err, out)
+			}
+			if out, err := l.Node.Run(ctx, tools.Proxy, "--cleanup"); err != nil {
+				t.Fatalf("--cleanup: %v\n%s", err, out)
+			}
+			if out, err := l.Node.Run(ctx, "sh", "-c", "iptables-save -t mangle; ip rule; ip route show table 27509"); err != nil ||
+				strings.Contains(string(out), "KUP-REPLIES") || strings.Contains(string(out), "27509") || strings.Contains(string(out), "local default") {
+				t.Errorf("after --cleanup (%v):\n%s", err, out)
+			}
 		})
 	}
 }
