@@ -31,6 +31,28 @@ spec:
   - {name: echo, port: 5353, protocol: UDP, targetPort: udp-echo, nodePort: 30054}
 `
 
+// evictedService is upstream's "should be rejected for evicted pods": a
+// Service that publishes not-ready addresses, whose only pod was evicted
+// (phase Failed, its IP still in its status). The EndpointSlice controller
+// lists no endpoint for a failed pod, and neither does the manifest source.
+const evictedService = `---
+apiVersion: v1
+kind: Service
+metadata: {name: evicted, namespace: default}
+spec:
+  clusterIP: 10.96.0.29
+  publishNotReadyAddresses: true
+  selector: {app: evicted}
+  ports:
+  - {name: http, port: 80, targetPort: 8080}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: evicted-pod, namespace: default, labels: {app: evicted}}
+spec: {containers: [{name: c, ports: [{containerPort: 8080}]}]}
+status: {phase: Failed, reason: Evicted, podIP: 10.244.1.2}
+`
+
 // refusal reports how ns's attempt to reach addr over network ended: nil
 // when something answered, else the error (for UDP, that of reading the
 // reply to one datagram, which an ICMP port unreachable ends at once).
@@ -78,7 +100,7 @@ func exchangeWithin(ns *lab.NS, network, addr string, timeout time.Duration) (st
 func TestNoEndpointsRefused(t *testing.T) {
 	for _, mode := range []string{"redirect", "bind"} {
 		t.Run(mode, func(t *testing.T) {
-			l, client, manifest := firstStoryLab(t, strings.ReplaceAll(emptyService, "SELECTOR", "nobody"))
+			l, client, manifest := firstStoryLab(t, strings.ReplaceAll(emptyService, "SELECTOR", "nobody")+evictedService)
 			// The kernel sends a host at most one ICMP error a second
 			// after a burst of six (net.ipv4.icmp_ratelimit), whoever
 			// refuses: our REJECT rule, or the kernel for a port nobody
@@ -124,12 +146,15 @@ func TestNoEndpointsRefused(t *testing.T) {
 			if _, err := within(5*time.Second, refused); err != nil {
 				t.Fatal(err)
 			}
+			if err := refusal(&client.NS, "tcp", "10.96.0.29:80"); !errors.Is(err, syscall.ECONNREFUSED) {
+				t.Errorf("the Service of an evicted pod: %v, want connection refused", err)
+			}
 			// Both ways, as quickly as an endpoint change is applied.
 			for _, step := range []struct {
 				selector string
 				want     func() error
 			}{{"web-front-end", served}, {"nobody", refused}, {"web-front-end", served}} {
-				edit(t, manifest, lab.FirstStory().Manifest()+strings.ReplaceAll(emptyService, "SELECTOR", step.selector))
+				edit(t, manifest, lab.FirstStory().Manifest()+strings.ReplaceAll(emptyService, "SELECTOR", step.selector)+evictedService)
 				took, err := within(5*time.Second, step.want)
 				if err != nil {
 					rules, _ := l.Node.Run(context.Background(), "sh", "-c", "iptables-save -c; cat /proc/net/nf_conntrack; ss -tlnp")
