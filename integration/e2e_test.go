@@ -273,3 +273,63 @@ func TestManifestHonoursServiceLabels(t *testing.T) {
 		t.Error("the headless-labelled Service's ClusterIP answered")
 	}
 }
+
+// secondPod is a pod of the lab's web pod 2, labelled app=second.
+const secondPod = `---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-2, namespace: default, labels: {app: second}}
+spec:
+  containers:
+  - name: web
+    ports:
+    - {name: web-port, containerPort: 8080}
+    - {name: udp-echo, containerPort: 5353, protocol: UDP}
+status: {podIP: 10.244.2.2, conditions: [{type: Ready, status: "True"}]}
+`
+
+// TestUDPClientSurvivesServerPodCycle: upstream's conntrack e2e "should be
+// able to preserve UDP traffic when server pod cycles" (ClusterIP and
+// NodePort). A client keeps sending from one socket while its Service's
+// only pod goes away (the Service has no endpoints for a while: refused)
+// and another takes its place: the client reaches the new pod.
+func TestUDPClientSurvivesServerPodCycle(t *testing.T) {
+	for _, to := range []string{"10.96.0.24:5353", lab.NodeIP.String() + ":30054"} {
+		t.Run(to, func(t *testing.T) {
+			manifest := func(selector string) string {
+				return strings.ReplaceAll(emptyService, "SELECTOR", selector) + secondPod
+			}
+			l, client, path := firstStoryLab(t, manifest("web-front-end"))
+			second := lab.NewWebPod(2, "v1", 8080)
+			if _, err := l.AddWeb(tools, second); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := l.StartProxy(tools, path); err != nil {
+				t.Fatal(err)
+			}
+			udp, err := l.Start(&client.NS, tools.Helper, "udp", to, "-n", "100000", "--timeout", "100ms", "--retry-for", "30s")
+			if err != nil {
+				t.Fatal(err)
+			}
+			first := lab.FirstStory().Pods[0].Greeting()
+			if _, err := udp.WaitFor(0, 10*time.Second, func(s string) bool { return strings.HasPrefix(s, first) }); err != nil {
+				t.Fatal(err)
+			}
+			// The pod goes; for a moment the Service has none.
+			edit(t, path, lab.FirstStory().Manifest()+manifest("nobody"))
+			if _, err := within(5*time.Second, func() error {
+				if err := refusal(&client.NS, "udp", to); !errors.Is(err, syscall.ECONNREFUSED) {
+					return fmt.Errorf("%v, want refused", err)
+				}
+				return nil
+			}); err != nil {
+				t.Fatal(err)
+			}
+			from := udp.NumLines()
+			edit(t, path, lab.FirstStory().Manifest()+manifest("second"))
+			if _, err := udp.WaitFor(from, 10*time.Second, func(s string) bool { return strings.HasPrefix(s, second.Greeting()) }); err != nil {
+				t.Fatalf("the client, still sending from its socket, never reached the new pod: %v", err)
+			}
+		})
+	}
+}
