@@ -10,6 +10,11 @@ import (
 	"testing"
 	"time"
 
+	v1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/integration/lab"
 )
 
@@ -228,5 +233,62 @@ status: {podIP: 10.244.1.2, conditions: [{type: Ready, status: "True"}]}
 				}
 			}
 		})
+	}
+}
+
+// TestPreserveSourceIPFromTheNode: in a cluster --preserve-source-ip needs
+// no --local-pod-cidrs: the proxy takes this node's pod CIDRs from its Node
+// (spec.podCIDRs), through the real API server, under kube-proxy's own
+// identity.
+func TestPreserveSourceIPFromTheNode(t *testing.T) {
+	env := controlPlane(t)
+	ctx, c := context.Background(), env.Admin
+	ns := apiNamespace(t, c, "srcip")
+	const nodeName = "node-srcip"
+	cidr := fmt.Sprintf("10.244.%d.0/24", lab.ClientPod) // the client pod's
+	node := &v1.Node{ObjectMeta: metav1.ObjectMeta{Name: nodeName}, Spec: v1.NodeSpec{PodCIDR: cidr, PodCIDRs: []string{cidr}}}
+	if _, err := c.CoreV1().Nodes().Create(ctx, node, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+		t.Fatal(err)
+	}
+	l := newLab(t)
+	client, err := l.AddPod("client", lab.ClientPod)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := lab.NewWebPod(1, "v1", 8080)
+	p, err := l.AddPod(w.Name, w.Index)
+	if err != nil {
+		t.Fatal(err)
+	}
+	web, err := l.StartWeb(p, tools, w, "--log-peers")
+	if err != nil {
+		t.Fatal(err)
+	}
+	k := &kubelet{t: t, c: c, ns: ns, node: nodeName}
+	k.run(w, map[string]string{"app": "srcip"})
+	svc := &v1.Service{ObjectMeta: metav1.ObjectMeta{Name: "srcip", Namespace: ns}, Spec: v1.ServiceSpec{ClusterIP: "10.96.0.43",
+		Selector: map[string]string{"app": "srcip"}, Ports: []v1.ServicePort{{Name: "http", Port: 80, TargetPort: intstr.FromString("web-port")}}}}
+	if _, err := c.CoreV1().Services(ns).Create(ctx, svc, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	k.waitSlices(t, "srcip", w.IP.String())
+	proxy := startAPIProxy(t, env, l, l.Node, nodeName, "--preserve-source-ip")
+	if _, err := proxy.WaitFor(0, 10*time.Second, lab.LogMessage("This node's pod CIDRs (from its Node): their clients keep their address")); err != nil {
+		t.Fatal(err)
+	}
+	_, err = within(10*time.Second, func() error {
+		from := web.NumLines()
+		me, err := exchange(&client.NS, "tcp", "10.96.0.43:80")
+		if err != nil {
+			return err
+		}
+		peer, err := peerSeen(web, from, "tcp")
+		if err == nil && peer != me {
+			err = fmt.Errorf("the pod saw %s, the client was %s", peer, me)
+		}
+		return err
+	})
+	if err != nil {
+		t.Errorf("with the Node's pod CIDR %s: %v", cidr, err)
 	}
 }

@@ -371,14 +371,14 @@ func newRedirect(cfg *Config, log logrus.FieldLogger, listeners *userspace.Liste
 		}
 	}
 	chains := iptables.ChainsFor(cfg.ServiceProxyName)
-	if len(cfg.Listeners.PreserveSourceFrom) > 0 {
+	if cfg.Listeners.PreserveSource {
 		// Replies to connections made from a client pod's address are
 		// marked (mangle) and routed to local delivery (replyroute).
 		if err := replyroute.Default.Ensure(); err != nil {
 			return nil, fmt.Errorf("--preserve-source-ip: %w", err)
 		}
 		chains.ReplyMark = replyroute.Default.Mark
-		log.WithField("localPodCIDRs", cfg.Listeners.PreserveSourceFrom).Info("Endpoints see the client's own address for connections from this node's pods")
+		log.WithField("localPodCIDRs", localPodCIDRs(cfg)).Info("Endpoints see the client's own address for connections from this node's pods")
 	}
 	table, err := iptables.New(backend, iptables.IPv4, cfg.Listeners.BindAddress, chains)
 	if err != nil {
@@ -415,11 +415,19 @@ func newBind(cfg *Config, log logrus.FieldLogger) (*bindFrontend, error) {
 // has no mangle table to send the endpoints' replies back to us, and says
 // so: traffic is served from the node's address, as without the flag.
 func dropSourcePreservation(cfg *Config, log logrus.FieldLogger, listeners *userspace.Listeners) {
-	if len(cfg.Listeners.PreserveSourceFrom) == 0 {
+	if !cfg.Listeners.PreserveSource {
 		return
 	}
 	listeners.DropSourcePreservation()
 	log.Warn("--preserve-source-ip needs redirect mode (netfilter's mangle table and socket match); in bind mode endpoints see the node's address")
+}
+
+// localPodCIDRs says where the local pod CIDRs come from, for the log.
+func localPodCIDRs(cfg *Config) string {
+	if len(cfg.Listeners.PreserveSourceFrom) == 0 {
+		return "the Node's spec.podCIDRs"
+	}
+	return fmt.Sprint(cfg.Listeners.PreserveSourceFrom)
 }
 
 // proxyToken tells one proxy's rules and addresses from another's on the

@@ -210,6 +210,7 @@ func Run(ctx context.Context, cfg Config) error {
 				MinSyncPeriod:    cfg.MinSyncPeriod,
 				NodeName:         cfg.NodeName,
 				NodeEligible:     hl.setNodeEligible,
+				NodePodCIDRs:     nodePodCIDRs(&cfg, log, listeners),
 				Changed:          hm.changed,
 				Log:              log,
 			}, publish)
@@ -260,6 +261,26 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	log.Info("Stopped; rules and addresses stay in place until the next start or --cleanup")
 	return err
+}
+
+// nodePodCIDRs follows the Node's pod CIDRs for --preserve-source-ip when
+// no --local-pod-cidrs were given: nil (not watched) otherwise.
+func nodePodCIDRs(cfg *Config, log logrus.FieldLogger, listeners *userspace.Listeners) func([]netip.Prefix) {
+	if !cfg.Listeners.PreserveSource || len(cfg.Listeners.PreserveSourceFrom) > 0 {
+		return nil
+	}
+	var last []netip.Prefix
+	return func(cidrs []netip.Prefix) {
+		if last != nil && slices.Equal(cidrs, last) {
+			return
+		}
+		last = slices.Clone(cidrs)
+		if last == nil {
+			last = []netip.Prefix{}
+		}
+		listeners.SetLocalPodCIDRs(cidrs)
+		log.WithField("podCIDRs", cidrs).Info("This node's pod CIDRs (from its Node): their clients keep their address")
+	}
 }
 
 // change is what the apply loop is offered: the new desired state, and when

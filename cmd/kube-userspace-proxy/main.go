@@ -146,7 +146,7 @@ and carries each connection to one of the Service's pods, round robin.`,
 	f.DurationVar(&o.syncPeriod, "iptables-sync-period", 30*time.Second, "how often everything is applied again even without a change, putting back rules someone else deleted")
 	f.StringVar(&o.mode, "mode", proxy.ModeRedirect, "how Service traffic reaches the listeners: redirect (iptables REDIRECT), bind (Service IPs made local, no netfilter at all), or auto (redirect if the kernel can NAT, else bind)")
 	f.BoolVar(&o.preserveSource, "preserve-source-ip", false, "endpoints see the client's own address and port, not the node's, for connections from this node's pods (--local-pod-cidrs) to a Service: dialed with IP_TRANSPARENT, replies routed back by a mangle rule and a policy route; redirect mode only; other clients are dialed from the node")
-	f.StringSliceVar(&o.localPodCIDRs, "local-pod-cidrs", nil, "with --preserve-source-ip, the CIDRs of this node's pods (its spec.podCIDRs), such as 10.244.1.0/24")
+	f.StringSliceVar(&o.localPodCIDRs, "local-pod-cidrs", nil, "with --preserve-source-ip, the CIDRs of this node's pods, such as 10.244.1.0/24 (default in a cluster: the Node's spec.podCIDRs, followed as they change; required with --manifests)")
 	f.StringSliceVar(&o.nodePortAddrs, "nodeport-addresses", nil, "in bind mode, CIDRs selecting the node addresses NodePorts are served on (default: all)")
 	f.StringVar(&o.clusterDNS, "cluster-dns", "", "kubelet's clusterDNS IP (such as 10.96.0.10): the embedded DNS stub answers port 53 there for pods and the node; empty for no stub")
 	f.StringVar(&o.clusterDomain, "cluster-domain", "cluster.local", "the cluster's DNS domain")
@@ -282,8 +282,8 @@ func (o *options) config(log logrus.FieldLogger) (proxy.Config, error) {
 		localPods = append(localPods, p.Masked())
 	}
 	switch {
-	case o.preserveSource && len(o.localPodCIDRs) == 0:
-		errs = append(errs, errors.New("--preserve-source-ip needs --local-pod-cidrs: the CIDRs of this node's pods (the Node's spec.podCIDRs), whose connections can keep their address"))
+	case o.preserveSource && len(o.localPodCIDRs) == 0 && o.manifests != "":
+		errs = append(errs, errors.New("--preserve-source-ip with --manifests needs --local-pod-cidrs: the CIDRs of this node's pods, whose connections can keep their address (in a cluster they come from the Node's spec.podCIDRs)"))
 	case !o.preserveSource && len(o.localPodCIDRs) > 0:
 		errs = append(errs, errors.New("--local-pod-cidrs is used by --preserve-source-ip only: add that flag, or drop this one"))
 	case o.preserveSource && o.serviceProxyName != "":
@@ -392,6 +392,7 @@ func (o *options) config(log logrus.FieldLogger) (proxy.Config, error) {
 			TCPMaxConnectionsPerPort: o.tcpMaxPerPort,
 			UDPMaxSessions:           udpMax,
 			UDPMaxSessionsPerPort:    o.udpMaxPerPort,
+			PreserveSource:           o.preserveSource,
 			PreserveSourceFrom:       localPods,
 			Log:                      log,
 		},

@@ -41,6 +41,11 @@ func TestBadFlags(t *testing.T) {
 		{[]string{"--manifests", "x", "--mode", "ipvs"}, `--mode "ipvs": want redirect, bind or auto`},
 		{[]string{"--manifests", "x", "--mode", "bind", "--bind-address", "10.0.0.1"}, "applies to --mode redirect only"},
 		{[]string{"--manifests", "x", "--nodeport-addresses", "10.0.0.0/33"}, `--nodeport-addresses "10.0.0.0/33": not an IPv4 CIDR`},
+		{[]string{"--manifests", "x", "--dns-pod-records", "always"}, `--dns-pod-records "always": want insecure, verified or disabled`},
+		{[]string{"--manifests", "x", "--preserve-source-ip"}, "--preserve-source-ip with --manifests needs --local-pod-cidrs"},
+		{[]string{"--manifests", "x", "--local-pod-cidrs", "10.244.1.0/24"}, "--local-pod-cidrs is used by --preserve-source-ip only"},
+		{[]string{"--manifests", "x", "--preserve-source-ip", "--local-pod-cidrs", "10.244.1/24"}, `--local-pod-cidrs "10.244.1/24": not a CIDR`},
+		{[]string{"--manifests", "x", "--preserve-source-ip", "--local-pod-cidrs", "10.244.1.0/24", "--service-proxy-name", "blue"}, "only the default proxy of a node can keep client addresses"},
 		{[]string{"--manifests", "x", "extra"}, "does not take any arguments"},
 		{[]string{"--no-such-flag"}, "unknown flag: --no-such-flag"},
 	}

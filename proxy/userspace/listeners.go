@@ -15,6 +15,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -78,15 +79,17 @@ type Config struct {
 	// endpoint for one connection, each attempt going to the next endpoint.
 	// Nil means upstream's 250ms, 500ms, 1s, 2s.
 	DialTimeouts []time.Duration
-	// PreserveSourceFrom, when not empty, makes the endpoint see the
-	// client's own address and port for clients inside these prefixes,
-	// the pods of this node (--preserve-source-ip, --local-pod-cidrs):
+	// PreserveSource makes the endpoint see the client's own address and
+	// port for clients inside PreserveSourceFrom, the pods of this node
+	// (--preserve-source-ip, --local-pod-cidrs, or the Node's
+	// spec.podCIDRs through SetLocalPodCIDRs):
 	// the connection to the endpoint is made from that address with
 	// IP_TRANSPARENT, and the endpoint's replies, which are sent to the
 	// client's address and so reach this node, are routed to our socket
 	// by package replyroute and the mangle rules of package iptables.
 	// Other clients are dialed from the node as before. See
 	// transparent.go.
+	PreserveSource     bool
 	PreserveSourceFrom []netip.Prefix
 	// Log receives what cannot be returned: per-connection failures.
 	// Nil discards it.
@@ -200,6 +203,10 @@ type Listeners struct {
 
 	udpSessions atomic.Int64 // UDP sessions of every socket, against Config.UDPMaxSessions
 	tcpConns    atomic.Int64 // TCP connections accepted and not yet ended, against Config.TCPMaxConnections
+
+	// localPods are the prefixes whose clients keep their address; nil
+	// while Config.PreserveSource is off (see transparent.go).
+	localPods atomic.Pointer[[]netip.Prefix]
 }
 
 // admitTCP takes a place for one more proxied TCP connection of l, in l's
@@ -272,7 +279,7 @@ func New(cfg Config) (*Listeners, error) {
 		cfg.Metrics, _ = NewMetrics(nil) // registers nothing: cannot fail
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	return &Listeners{
+	ls := &Listeners{
 		cfg:    cfg,
 		log:    cfg.log(),
 		ctx:    ctx,
@@ -282,7 +289,12 @@ func New(cfg Config) (*Listeners, error) {
 
 		logDropped:   logthrottle.New(throttleInterval),
 		logListenErr: logthrottle.New(throttleInterval),
-	}, nil
+	}
+	if cfg.PreserveSource {
+		p := slices.Clone(cfg.PreserveSourceFrom)
+		ls.localPods.Store(&p)
+	}
+	return ls, nil
 }
 
 // RedirectBinds is where listeners go when iptables redirects to them: one

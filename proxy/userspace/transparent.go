@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net"
 	"net/netip"
+	"slices"
 	"syscall"
 	"time"
 
@@ -43,12 +44,19 @@ const (
 )
 
 // DropSourcePreservation turns --preserve-source-ip off, for a frontend
-// that cannot route the replies back (bind mode has no mangle table). Call
-// it before the first Sync.
+// that cannot route the replies back (bind mode has no mangle table).
 func (ls *Listeners) DropSourcePreservation() {
-	ls.mu.Lock()
-	defer ls.mu.Unlock()
-	ls.cfg.PreserveSourceFrom = nil
+	ls.localPods.Store(nil)
+}
+
+// SetLocalPodCIDRs sets the prefixes of this node's pods, whose clients
+// keep their address, when they change (the Node's spec.podCIDRs). It does
+// nothing while source preservation is off.
+func (ls *Listeners) SetLocalPodCIDRs(prefixes []netip.Prefix) {
+	if ls.localPods.Load() != nil {
+		p := slices.Clone(prefixes)
+		ls.localPods.Store(&p)
+	}
 }
 
 // transparentSource is the address to dial endpoint from for client: the
@@ -56,7 +64,8 @@ func (ls *Listeners) DropSourcePreservation() {
 // else none (the node's). why is the reason for the metric; it is empty
 // when the feature is off.
 func (ls *Listeners) transparentSource(client, endpoint netip.AddrPort) (src netip.AddrPort, why string) {
-	if len(ls.cfg.PreserveSourceFrom) == 0 {
+	prefixes := ls.localPods.Load()
+	if prefixes == nil {
 		return netip.AddrPort{}, ""
 	}
 	ip := client.Addr().Unmap()
@@ -65,7 +74,7 @@ func (ls *Listeners) transparentSource(client, endpoint netip.AddrPort) (src net
 		// its own address would be dropped by its kernel as a martian.
 		return netip.AddrPort{}, sourceSamePod
 	}
-	for _, p := range ls.cfg.PreserveSourceFrom {
+	for _, p := range *prefixes {
 		if p.Contains(ip) {
 			return netip.AddrPortFrom(ip, client.Port()), sourcePreserved
 		}

@@ -20,6 +20,7 @@ import (
 	"context"
 	"errors"
 	"math"
+	"net/netip"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -119,6 +120,9 @@ type Config struct {
 	// /healthz rule, KEP-3836).
 	NodeName     string
 	NodeEligible func(bool)
+	// NodePodCIDRs, when set with NodeName, is told this node's pod CIDRs
+	// (spec.podCIDRs) whenever the Node is seen.
+	NodePodCIDRs func([]netip.Prefix)
 	// Changed, when set, is told of every Service or EndpointSlice change
 	// as it arrives, before it is applied (kube-proxy's *_changes_total
 	// and *_changes_pending metrics).
@@ -142,6 +146,22 @@ type Update struct {
 	// there to the change being applied is kube-proxy's network
 	// programming latency.
 	Triggers []time.Time
+}
+
+// podCIDRs are n's pod CIDRs (spec.podCIDRs, else spec.podCIDR), the
+// unparsable left out.
+func podCIDRs(n *v1.Node) []netip.Prefix {
+	cidrs := n.Spec.PodCIDRs
+	if len(cidrs) == 0 && n.Spec.PodCIDR != "" {
+		cidrs = []string{n.Spec.PodCIDR}
+	}
+	var out []netip.Prefix
+	for _, c := range cidrs {
+		if p, err := netip.ParsePrefix(c); err == nil {
+			out = append(out, p.Masked())
+		}
+	}
+	return out
 }
 
 // TaintToBeDeleted is the cluster autoscaler's mark on a node it drains.
@@ -224,16 +244,19 @@ func Run(ctx context.Context, cfg Config, apply func(Update)) error {
 	run(listWatch(func(o *metav1.ListOptions) { o.LabelSelector = sliceSelector },
 		disc.EndpointSlices(metav1.NamespaceAll).List, disc.EndpointSlices(metav1.NamespaceAll).Watch),
 		&discovery.EndpointSlice{}, slices)
-	if cfg.NodeName != "" && cfg.NodeEligible != nil {
+	if cfg.NodeName != "" && (cfg.NodeEligible != nil || cfg.NodePodCIDRs != nil) {
 		// One Node: ours. Its store reports on every change; a Node not
 		// created yet leaves the node eligible, a deleted one does not.
 		var node *store[*v1.Node]
 		var seen atomic.Bool
 		node = newStore[*v1.Node](func() {
 			n, ok := node.get(cfg.NodeName)
-			if ok || seen.Load() {
-				seen.Store(true)
+			if (ok || seen.Load()) && cfg.NodeEligible != nil {
 				cfg.NodeEligible(ok && eligible(n))
+			}
+			seen.Store(seen.Load() || ok)
+			if ok && cfg.NodePodCIDRs != nil {
+				cfg.NodePodCIDRs(podCIDRs(n))
 			}
 		})
 		run(listWatch(func(o *metav1.ListOptions) { o.FieldSelector = "metadata.name=" + cfg.NodeName },
