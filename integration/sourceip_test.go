@@ -266,11 +266,15 @@ func TestPreserveSourceIPFromTheNode(t *testing.T) {
 	}
 	k := &kubelet{t: t, c: c, ns: ns, node: nodeName}
 	k.run(w, map[string]string{"app": "srcip"})
-	svc := &v1.Service{ObjectMeta: metav1.ObjectMeta{Name: "srcip", Namespace: ns}, Spec: v1.ServiceSpec{ClusterIP: "10.96.0.43",
+	// The API server picks the ClusterIP: namespaces of earlier runs
+	// against the same control plane may still hold a fixed one.
+	svc := &v1.Service{ObjectMeta: metav1.ObjectMeta{Name: "srcip", Namespace: ns}, Spec: v1.ServiceSpec{
 		Selector: map[string]string{"app": "srcip"}, Ports: []v1.ServicePort{{Name: "http", Port: 80, TargetPort: intstr.FromString("web-port")}}}}
-	if _, err := c.CoreV1().Services(ns).Create(ctx, svc, metav1.CreateOptions{}); err != nil {
+	svc, err = c.CoreV1().Services(ns).Create(ctx, svc, metav1.CreateOptions{})
+	if err != nil {
 		t.Fatal(err)
 	}
+	clusterIP := svc.Spec.ClusterIP
 	k.waitSlices(t, "srcip", w.IP.String())
 	proxy := startAPIProxy(t, env, l, l.Node, nodeName, "--preserve-source-ip")
 	if _, err := proxy.WaitFor(0, 10*time.Second, lab.LogMessage("This node's pod CIDRs (from its Node): their clients keep their address")); err != nil {
@@ -278,7 +282,7 @@ func TestPreserveSourceIPFromTheNode(t *testing.T) {
 	}
 	_, err = within(10*time.Second, func() error {
 		from := web.NumLines()
-		me, err := exchange(&client.NS, "tcp", "10.96.0.43:80")
+		me, err := exchange(&client.NS, "tcp", net.JoinHostPort(clusterIP, "80"))
 		if err != nil {
 			return err
 		}
