@@ -39,27 +39,6 @@ func ParsePodRecords(s string) (PodRecords, error) {
 	return "", fmt.Errorf("--dns-pod-records %q: want insecure, verified or disabled", s)
 }
 
-// podName splits name, a lower-case FQDN in the zone, into the labels of a
-// pod record: "<addr>.<ns>.pod.<zone>". ok is false for names outside the
-// pod subtree; addr and ns are empty for pod.<zone> and <ns>.pod.<zone>,
-// which exist with no records.
-func (z *Zone) podName(name string) (addr, ns string, ok bool) {
-	suffix := "pod." + z.origin
-	if name != suffix && !strings.HasSuffix(name, "."+suffix) {
-		return "", "", false
-	}
-	labels := dns.SplitDomainName(strings.TrimSuffix(strings.TrimSuffix(name, suffix), "."))
-	switch len(labels) {
-	case 0:
-		return "", "", true
-	case 1:
-		return "", labels[0], true
-	case 2:
-		return labels[0], labels[1], true
-	}
-	return "", "", true // too many labels: does not exist (see pod)
-}
-
 // podAddress is the address a pod record's first label spells: dashes for
 // dots (10-244-1-2), or for colons in IPv6 (fd00-244--2), as CoreDNS reads it.
 func podAddress(label string) (netip.Addr, bool) {
@@ -74,27 +53,32 @@ func podAddress(label string) (netip.Addr, bool) {
 	return ip, true
 }
 
-// pod answers a name of the pod subtree: its records of qtype, and whether
-// the name exists at all (NXDOMAIN when not).
-func (z *Zone) pod(name string, qtype uint16, mode PodRecords) (answer []dns.RR, exists bool) {
-	label, ns, _ := z.podName(name)
-	labels := dns.CountLabel(strings.TrimSuffix(name, z.origin))
-	switch {
-	case labels == 1:
-		return nil, true // pod.<zone>: a type node, NODATA
-	case labels == 2:
-		return nil, mode != PodsDisabled // <ns>.pod.<zone>
-	case labels > 3 || mode == PodsDisabled:
-		return nil, false
+// pod answers name, a lower-case FQDN in the zone, if it is in the pod
+// subtree ("<addr>.<ns>.pod.<zone>"; ok is false otherwise): its records of
+// qtype, and whether the name exists at all (NXDOMAIN when not).
+// pod.<zone> and <ns>.pod.<zone> exist with no records.
+func (z *Zone) pod(name string, qtype uint16, mode PodRecords) (answer []dns.RR, exists, ok bool) {
+	suffix := "pod." + z.origin
+	if name != suffix && !strings.HasSuffix(name, "."+suffix) {
+		return nil, false, false
 	}
-	ip, ok := podAddress(label)
-	if !ok || (mode == PodsVerified && !z.pods[podKey{ns, ip}]) {
-		return nil, false
+	labels := dns.SplitDomainName(strings.TrimSuffix(name, suffix))
+	switch {
+	case len(labels) == 0:
+		return nil, true, true // a type node, NODATA
+	case len(labels) == 1:
+		return nil, mode != PodsDisabled, true // a namespace
+	case len(labels) > 2 || mode == PodsDisabled:
+		return nil, false, true
+	}
+	ip, valid := podAddress(labels[0])
+	if !valid || (mode == PodsVerified && !z.pods[podKey{labels[1], ip}]) {
+		return nil, false, true
 	}
 	if (qtype == dns.TypeA && ip.Is4()) || (qtype == dns.TypeAAAA && ip.Is6()) {
-		return []dns.RR{z.address(name, ip)}, true
+		return []dns.RR{z.address(name, ip)}, true, true
 	}
-	return nil, true
+	return nil, true, true
 }
 
 // podKey is a pod address in its namespace, for PodsVerified.

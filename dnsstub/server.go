@@ -260,11 +260,8 @@ func (s *Server) authoritative(r *dns.Msg, z *Zone, name string, qtype uint16) *
 	m := new(dns.Msg)
 	m.SetReply(r)
 	m.Authoritative = true
-	var answer []dns.RR
-	var exists bool
-	if _, _, pod := z.podName(name); pod {
-		answer, exists = z.pod(name, qtype, s.podRecords)
-	} else {
+	answer, exists, pod := z.pod(name, qtype, s.podRecords)
+	if !pod {
 		answer, exists = z.lookup(name, qtype)
 	}
 	switch {

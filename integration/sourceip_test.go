@@ -18,40 +18,30 @@ import (
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/integration/lab"
 )
 
-// sourceIPManifest: "near" is served by web-1 on the client's node, "far"
-// by web-2 on another node; both have a TCP and a UDP port.
-const sourceIPManifest = `apiVersion: v1
-kind: Service
-metadata: {name: near, namespace: default}
-spec:
-  clusterIP: 10.96.0.40
-  selector: {app: near}
-  ports:
-  - {name: http, port: 80, targetPort: 8080}
-  - {name: echo, port: 5353, protocol: UDP, targetPort: 5353}
----
+// serviceWithPod is a Service NAME at CLUSTERIP with a TCP and a UDP
+// port, and its one pod, lab web pod INDEX at 10.244.INDEX.2.
+const serviceWithPod = `---
 apiVersion: v1
 kind: Service
-metadata: {name: far, namespace: default}
+metadata: {name: NAME, namespace: default}
 spec:
-  clusterIP: 10.96.0.41
-  selector: {app: far}
+  clusterIP: CLUSTERIP
+  selector: {app: NAME}
   ports:
   - {name: http, port: 80, targetPort: 8080}
   - {name: echo, port: 5353, protocol: UDP, targetPort: 5353}
 ---
 apiVersion: v1
 kind: Pod
-metadata: {name: web-1, namespace: default, labels: {app: near}}
+metadata: {name: web-INDEX, namespace: default, labels: {app: NAME}}
 spec: {containers: [{name: web}]}
-status: {podIP: 10.244.1.2, conditions: [{type: Ready, status: "True"}]}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: web-2, namespace: default, labels: {app: far}}
-spec: {containers: [{name: web}]}
-status: {podIP: 10.244.2.2, conditions: [{type: Ready, status: "True"}]}
+status: {podIP: 10.244.INDEX.2, conditions: [{type: Ready, status: "True"}]}
 `
+
+// sourceIPManifest: "near" is served by web-1 on the client's node, "far"
+// by web-2 on another node.
+var sourceIPManifest = strings.NewReplacer("NAME", "near", "CLUSTERIP", "10.96.0.40", "INDEX", "1").Replace(serviceWithPod) +
+	strings.NewReplacer("NAME", "far", "CLUSTERIP", "10.96.0.41", "INDEX", "2").Replace(serviceWithPod)
 
 // peerSeen waits for web to print the peer of a request over proto
 // ("tcp" or "udp") after line from, and returns it.
@@ -61,6 +51,27 @@ func peerSeen(web *lab.Proc, from int, proto string) (string, error) {
 		return "", err
 	}
 	return strings.TrimPrefix(web.Lines(i)[0], "peer "+proto+" "), nil
+}
+
+// peerLab is a lab with the client pod and web pod 1, whose server logs
+// its peers (kup-lab web --log-peers, and extra flags).
+func peerLab(t *testing.T, extra ...string) (*lab.Lab, *lab.Pod, *lab.Proc) {
+	t.Helper()
+	l := newLab(t)
+	client, err := l.AddPod("client", lab.ClientPod)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := lab.NewWebPod(1, "v1", 8080)
+	p, err := l.AddPod(w.Name, w.Index)
+	if err != nil {
+		t.Fatal(err)
+	}
+	web, err := l.StartWeb(p, tools, w, append([]string{"--log-peers"}, extra...)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return l, client, web
 }
 
 // TestPreserveSourceIP: upstream's e2e "should preserve source pod IP for
@@ -193,20 +204,7 @@ status: {podIP: 10.244.1.2, conditions: [{type: Ready, status: "True"}]}
 `
 	for _, mode := range []string{"redirect", "bind"} {
 		t.Run(mode, func(t *testing.T) {
-			l := newLab(t)
-			client, err := l.AddPod("client", lab.ClientPod)
-			if err != nil {
-				t.Fatal(err)
-			}
-			w := lab.NewWebPod(1, "v1", 8080)
-			p, err := l.AddPod(w.Name, w.Index)
-			if err != nil {
-				t.Fatal(err)
-			}
-			web, err := l.StartWeb(p, tools, w, "--log-peers", "--proxy-protocol")
-			if err != nil {
-				t.Fatal(err)
-			}
+			l, client, web := peerLab(t, "--proxy-protocol")
 			path := filepath.Join(t.TempDir(), "lab.yaml")
 			if err := os.WriteFile(path, []byte(manifest), 0o644); err != nil {
 				t.Fatal(err)
@@ -250,27 +248,15 @@ func TestPreserveSourceIPFromTheNode(t *testing.T) {
 	if _, err := c.CoreV1().Nodes().Create(ctx, node, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
 		t.Fatal(err)
 	}
-	l := newLab(t)
-	client, err := l.AddPod("client", lab.ClientPod)
-	if err != nil {
-		t.Fatal(err)
-	}
+	l, client, web := peerLab(t)
 	w := lab.NewWebPod(1, "v1", 8080)
-	p, err := l.AddPod(w.Name, w.Index)
-	if err != nil {
-		t.Fatal(err)
-	}
-	web, err := l.StartWeb(p, tools, w, "--log-peers")
-	if err != nil {
-		t.Fatal(err)
-	}
 	k := &kubelet{t: t, c: c, ns: ns, node: nodeName}
 	k.run(w, map[string]string{"app": "srcip"})
 	// The API server picks the ClusterIP: namespaces of earlier runs
 	// against the same control plane may still hold a fixed one.
 	svc := &v1.Service{ObjectMeta: metav1.ObjectMeta{Name: "srcip", Namespace: ns}, Spec: v1.ServiceSpec{
 		Selector: map[string]string{"app": "srcip"}, Ports: []v1.ServicePort{{Name: "http", Port: 80, TargetPort: intstr.FromString("web-port")}}}}
-	svc, err = c.CoreV1().Services(ns).Create(ctx, svc, metav1.CreateOptions{})
+	svc, err := c.CoreV1().Services(ns).Create(ctx, svc, metav1.CreateOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -26,6 +26,7 @@ import (
 	"crypto/sha256"
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 )
 
@@ -143,10 +144,10 @@ type jump struct {
 // is there only while the client's address is kept.
 func (c Chains) jumps() []jump {
 	all := c.allJumps()
-	if c.ReplyMark == 0 {
-		return all[:len(all)-1]
+	if c.ReplyMark != 0 {
+		return all
 	}
-	return all
+	return slices.DeleteFunc(all, func(j jump) bool { return j.table == "mangle" })
 }
 
 // allJumps are jumps with the mangle one, whatever ReplyMark says: what
@@ -214,33 +215,27 @@ func (c Chains) Render(redirects []Redirect, bind netip.Addr) []byte {
 	// other packet to a listener port is dropped here, before a socket sees
 	// it. The node's own connections to a ClusterIP are redirected in nat
 	// OUTPUT, so they carry the mark too.
-	guarded := map[string]bool{}
-	for _, r := range redirects {
-		key := fmt.Sprintf("%s %d", r.Protocol, r.ToPort)
-		if guarded[key] {
-			continue
-		}
-		guarded[key] = true
-		fmt.Fprintf(&b, "-A %s -p %s -m comment --comment \"kube-userspace-proxy listener: only redirected traffic\" -m %s --dport %d -m conntrack ! --ctstate DNAT -j DROP\n",
-			c.NodePortNonLocal, r.Protocol, r.Protocol, r.ToPort)
-	}
-	// A listener whose service port has no endpoints refuses new flows
-	// here, after the redirect has made their destination our listener:
+	//
+	// A listener whose service port has no endpoints then refuses new
+	// flows, after the redirect has made their destination our listener:
 	// the refusal goes back through conntrack, which turns its source back
 	// into the address the client asked for. Packets of flows already
 	// established (connections still being served while their pods end)
-	// pass.
-	refused := map[string]bool{}
+	// pass. UDP gets REJECT's default, ICMP port unreachable (ICMPv6 in
+	// ip6tables); TCP gets a reset instead: the kernel rate-limits ICMP
+	// errors, and a reset answers every SYN at once with ECONNREFUSED.
+	listeners := map[string]bool{}
 	for _, r := range redirects {
 		key := fmt.Sprintf("%s %d", r.Protocol, r.ToPort)
-		if !r.NoEndpoints || refused[key] {
+		if listeners[key] {
 			continue
 		}
-		refused[key] = true
-		// UDP gets REJECT's default, ICMP port unreachable (ICMPv6 in
-		// ip6tables). TCP gets a reset instead: the kernel rate-limits
-		// ICMP errors, and a reset answers every SYN at once with
-		// ECONNREFUSED.
+		listeners[key] = true
+		fmt.Fprintf(&b, "-A %s -p %s -m comment --comment \"kube-userspace-proxy listener: only redirected traffic\" -m %s --dport %d -m conntrack ! --ctstate DNAT -j DROP\n",
+			c.NodePortNonLocal, r.Protocol, r.Protocol, r.ToPort)
+		if !r.NoEndpoints {
+			continue
+		}
 		reject := "REJECT"
 		if r.Protocol == "tcp" {
 			reject = "REJECT --reject-with tcp-reset"

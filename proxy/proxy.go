@@ -270,14 +270,12 @@ func nodePodCIDRs(cfg *Config, log logrus.FieldLogger, listeners *userspace.List
 		return nil
 	}
 	var last []netip.Prefix
+	seen := false
 	return func(cidrs []netip.Prefix) {
-		if last != nil && slices.Equal(cidrs, last) {
+		if seen && slices.Equal(cidrs, last) {
 			return
 		}
-		last = slices.Clone(cidrs)
-		if last == nil {
-			last = []netip.Prefix{}
-		}
+		seen, last = true, slices.Clone(cidrs)
 		listeners.SetLocalPodCIDRs(cidrs)
 		log.WithField("podCIDRs", cidrs).Info("This node's pod CIDRs (from its Node): their clients keep their address")
 	}

@@ -138,6 +138,11 @@ func (ls *Listeners) dialFrom(ctx context.Context, log logrus.FieldLogger, netwo
 	if why != "" {
 		ls.cfg.Metrics.sourceIP.WithLabelValues(proto, why).Inc()
 	}
+	if network == "udp" {
+		// Connecting a UDP socket only records the peer: nothing to
+		// time out or cancel.
+		return net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(endpoint))
+	}
 	d := net.Dialer{Timeout: timeout, KeepAliveConfig: keepAlive}
 	return d.DialContext(ctx, network, endpoint.String())
 }
