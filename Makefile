@@ -23,9 +23,9 @@ export KUBE_TESTENV_BIN ?= $(or $(HOME),/root)/.cache/kube-testenv/$(KUBE_TESTEN
 
 # System packages the tests, the lab and the benchmarks run.
 DEB_PACKAGES := iptables iproute2 curl nftables dnsutils
-BENCH_PACKAGES := iperf3 wrk haproxy socat
+BENCH_PACKAGES := iperf3 wrk haproxy socat nginx-light libnginx-mod-stream strace
 
-.PHONY: all build kube-testenv test demo soak bench bench-programming bench-sync bench-modes dnsperf deps bench-deps netbench clean
+.PHONY: all build kube-testenv test demo soak bench bench-held bench-programming bench-sync bench-modes dnsperf deps bench-deps netbench clean
 
 all: build
 
@@ -71,6 +71,11 @@ bench-deps: deps
 bench: deps
 	$(GO) test -run '^$$' -bench . -benchtime 2s -count 3 ./proxy/userspace/
 
+# bench-held: 10,000 proxied connections held at once (as many as the
+# machine's open file limit allows): the proxy's descriptors and memory.
+bench-held: deps kube-testenv
+	$(GO) test -run '^$$' -bench HeldConnections -benchtime 1x ./integration/
+
 # bench-programming: network programming latency against the real API
 # server, p50 and p99 over 100 EndpointSlice changes.
 bench-programming: deps kube-testenv
@@ -99,9 +104,12 @@ dnsperf: build
 	./hack/dnsperf.sh
 
 # netbench: the shared network benchmark harness, with our binary as the
-# proxy under test beside the Go yardstick (needs ../shared/bench).
+# proxy under test beside HAProxy, nginx (stream) and the Go yardstick, one
+# endpoint, medians of 3 (needs ../shared/bench; ~10 minutes).
+NETBENCH_ARGS ?= --endpoints 1 -d 5 -r 3 --prio --quiet-wait 30
 netbench: bench-deps build
-	../shared/bench/netbench.sh --put "$(CURDIR)/hack/netbench-put.sh" --put-name kup --put-port0 --with-ref $(NETBENCH_ARGS)
+	../shared/bench/netbench.sh --put "$(CURDIR)/hack/netbench-put.sh" --put-name kup --put-port0 \
+		--paths "direct dnat haproxy nginx put ref" $(NETBENCH_ARGS)
 
 clean:
 	rm -rf bin

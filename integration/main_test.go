@@ -40,7 +40,7 @@ func TestMain(m *testing.M) {
 }
 
 // newLab builds a lab that is torn down when the test ends, pass or fail.
-func newLab(t *testing.T) *lab.Lab {
+func newLab(t testing.TB) *lab.Lab {
 	t.Helper()
 	l, err := lab.New()
 	if err != nil {
@@ -74,7 +74,7 @@ func benchLab(b *testing.B) (*lab.Lab, *lab.Pod) {
 // Service story's first step, and writes that step's manifest, followed by
 // extra documents, to a file. It returns the lab, the client pod and the
 // manifest's path.
-func firstStoryLab(t *testing.T, extra string) (*lab.Lab, *lab.Pod, string) {
+func firstStoryLab(t testing.TB, extra string) (*lab.Lab, *lab.Pod, string) {
 	t.Helper()
 	l := newLab(t)
 	client, err := l.AddPod("client", lab.ClientPod)

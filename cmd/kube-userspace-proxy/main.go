@@ -375,7 +375,7 @@ func (o *options) config(log logrus.FieldLogger) (proxy.Config, error) {
 	if tcpMax == 0 || udpMax == 0 {
 		return proxy.Config{}, fmt.Errorf("the open file limit (%d) leaves nothing for connections after a reserve of %d: raise it (ulimit -n, LimitNOFILE) or set --tcp-max-connections and --udp-max-sessions", budget.Limit, budget.Reserve)
 	}
-	fields := logrus.Fields{"openFileLimit": budget.Limit, "reserve": budget.Reserve, "dnsStub": budget.Other, "tcpMaxConnections": tcpMax, "udpMaxSessions": udpMax}
+	fields := logrus.Fields{"openFileLimit": budget.Limit, "reserve": budget.Reserve, "dnsStub": budget.Other, "splicePipes": budget.Pipes, "tcpMaxConnections": tcpMax, "udpMaxSessions": udpMax}
 	if !budget.Fits(tcpMax, udpMax) {
 		log.WithFields(fields).Warn("File descriptor budget: these bounds can take more descriptors than the open file limit leaves; a flood could starve new listeners and API reconnects")
 	} else {
@@ -388,6 +388,7 @@ func (o *options) config(log logrus.FieldLogger) (proxy.Config, error) {
 			Ports:                    ports,
 			UDPTimeout:               o.udpTimeout,
 			TCPIdleTimeout:           o.tcpIdleTimeout,
+			MaxPipes:                 max(1, budget.Pipes),
 			TCPMaxConnections:        tcpMax,
 			TCPMaxConnectionsPerPort: o.tcpMaxPerPort,
 			UDPMaxSessions:           udpMax,

@@ -7,21 +7,22 @@ import (
 )
 
 // fdsPerTCPConnection is what one proxied TCP connection holds: the
-// client's socket, ours to the pod, and the two pipes splice moves the
-// bytes through (two descriptors each).
-const fdsPerTCPConnection = 6
+// client's socket and ours to the pod. The pipes that bulk is spliced
+// through are lent by a pool of their own, bounded by maxPipes (FDBudget.Pipes).
+const fdsPerTCPConnection = 2
 
 // FDBudget divides the file descriptors the proxy may open
 // (RLIMIT_NOFILE) so that no peer can take them all. A reserve is kept for
 // what must always work: a new Service's listener, reconnecting to the API
-// server, the health and metrics servers; OtherFDs are held back for the
-// parts with bounds of their own (the DNS stub); what is left goes, a
+// server, the health and metrics servers; Other and Pipes are held back for
+// the parts with bounds of their own (the DNS stub, the splice pipes); what is left goes, a
 // quarter to UDP sessions (one descriptor each) and the rest to proxied TCP
 // connections.
 type FDBudget struct {
 	Limit          int // RLIMIT_NOFILE, raised to its hard limit
 	Reserve        int // never handed to peers
 	Other          int // held for parts with bounds of their own
+	Pipes          int // the splice pipe pool's bound (Config.MaxPipes), two descriptors each
 	UDPSessions    int // the UDP session bound it leaves room for
 	TCPConnections int // the TCP connection bound it leaves room for
 }
@@ -47,6 +48,8 @@ func NewFDBudget(other int) (FDBudget, error) {
 func budgetFor(limit, other int) FDBudget {
 	b := FDBudget{Limit: limit, Reserve: max(1024, limit/4), Other: other}
 	left := max(0, limit-b.Reserve-other)
+	b.Pipes = min(DefaultMaxPipes, left/16) // an eighth of what is left
+	left -= 2 * b.Pipes
 	b.UDPSessions = min(DefaultUDPMaxSessions, left/4)
 	b.TCPConnections = (left - b.UDPSessions) / fdsPerTCPConnection
 	return b
@@ -55,5 +58,5 @@ func budgetFor(limit, other int) FDBudget {
 // Fits reports whether tcp connections and udp sessions fit in the budget's
 // share for peers.
 func (b FDBudget) Fits(tcp, udp int) bool {
-	return tcp*fdsPerTCPConnection+udp <= b.Limit-b.Reserve-b.Other
+	return tcp*fdsPerTCPConnection+udp <= b.Limit-b.Reserve-b.Other-2*b.Pipes
 }

@@ -309,9 +309,9 @@ func TestTCPConnectionsBounded(t *testing.T) {
 // take fits in the rest.
 func TestFDBudget(t *testing.T) {
 	for _, tt := range []struct{ limit, other, reserve, udp, tcp int }{
-		{1 << 20, 2000, 1 << 18, DefaultUDPMaxSessions, (1<<20 - 1<<18 - 2000 - DefaultUDPMaxSessions) / 6},
-		{20000, 0, 5000, 3750, 1875},
-		{2048, 0, 1024, 256, 128},
+		{1 << 20, 2000, 1 << 18, DefaultUDPMaxSessions, (1<<20 - 1<<18 - 2000 - 2*DefaultMaxPipes - DefaultUDPMaxSessions) / 2},
+		{20000, 0, 5000, 3622, 5433},
+		{2048, 0, 1024, 224, 336},
 		{1024, 0, 1024, 0, 0},
 	} {
 		b := budgetFor(tt.limit, tt.other)

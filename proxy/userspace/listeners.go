@@ -15,6 +15,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -75,6 +76,13 @@ type Config struct {
 	// either way for this long (--tcp-idle-timeout), with a reset to both
 	// peers. Zero means never; the flag's default is DefaultTCPIdleTimeout.
 	TCPIdleTimeout time.Duration
+	// MaxPipes bounds the kernel pipes that bulk TCP transfers are
+	// spliced through, lent to a connection while it moves bulk (see
+	// copier). Zero means DefaultMaxPipes; the command sets FDBudget.Pipes.
+	MaxPipes int
+	// Loops is how many event loops carry established TCP connections
+	// (loop.go). Zero means one per two cores (see Config.loops).
+	Loops int
 	// DialTimeouts are the timeouts of successive attempts to reach an
 	// endpoint for one connection, each attempt going to the next endpoint.
 	// Nil means upstream's 250ms, 500ms, 1s, 2s.
@@ -154,6 +162,37 @@ func (c *Config) halfCloseTimeout() time.Duration {
 	return time.Minute
 }
 
+// loops is how many connection loops carry the proxied TCP connections:
+// Config.Loops, or one per two cores the Go runtime uses (GOMAXPROCS).
+// A loop waiting in epoll_wait holds its P in a system call; while other
+// Ps are idle, the runtime's monitor lets it be, but once every P is held
+// it takes them back every 20us, waking threads for nothing. Half the Ps
+// leave room for the accept and dial goroutines and keep the monitor
+// asleep (docs/performance.md has the numbers).
+func (c *Config) loops() int {
+	if c.Loops > 0 {
+		return c.Loops
+	}
+	return max(1, runtime.GOMAXPROCS(0)/2)
+}
+
+// loopTick is how often a loop looks for idle connections: an eighth of
+// the shortest timeout, between 5ms and 1s.
+func (c *Config) loopTick() time.Duration {
+	shortest := c.halfCloseTimeout()
+	if c.TCPIdleTimeout > 0 {
+		shortest = min(shortest, c.TCPIdleTimeout)
+	}
+	return min(max(shortest/8, 5*time.Millisecond), time.Second)
+}
+
+func (c *Config) maxPipes() int {
+	if c.MaxPipes > 0 {
+		return c.MaxPipes
+	}
+	return DefaultMaxPipes
+}
+
 func (c *Config) dialTimeouts() []time.Duration {
 	if len(c.DialTimeouts) > 0 {
 		return c.DialTimeouts
@@ -188,12 +227,19 @@ type Listeners struct {
 
 	mu     sync.Mutex
 	active map[service.Key]*portListener
-	conns  map[*tcpConn]struct{} // live proxied connections
 	closed bool
+	wg     sync.WaitGroup // every goroutine the set started
+
+	// The proxied TCP connections, carried by the loops (loop.go).
+	loops    []*loop
+	nextLoop atomic.Uint32
+	pipes    *pipePool // lent to connections while they splice
+	connMu   sync.Mutex
+	conns    map[*tcpConn]struct{}
+	noConns  bool // the set is closing: no more connections
 	// drained is closed when the last proxied connection ends during a
 	// Shutdown; nil otherwise.
 	drained chan struct{}
-	wg      sync.WaitGroup // every goroutine the set started
 
 	wantedBinds map[service.Key]map[netip.AddrPort]bool // the sockets the last Sync named
 
@@ -286,6 +332,7 @@ func New(cfg Config) (*Listeners, error) {
 		cancel: cancel,
 		active: make(map[service.Key]*portListener),
 		conns:  make(map[*tcpConn]struct{}),
+		pipes:  newPipePool(cfg.maxPipes(), maxIdlePipes),
 
 		logDropped:   logthrottle.New(throttleInterval),
 		logListenErr: logthrottle.New(throttleInterval),
@@ -293,6 +340,15 @@ func New(cfg Config) (*Listeners, error) {
 	if cfg.PreserveSource {
 		p := slices.Clone(cfg.PreserveSourceFrom)
 		ls.localPods.Store(&p)
+	}
+	for range cfg.loops() {
+		l, err := newLoop(ls.pipes, cfg.loopTick())
+		if err != nil {
+			ls.Close()
+			return nil, fmt.Errorf("start a connection loop: %w", err)
+		}
+		ls.loops = append(ls.loops, l)
+		ls.goroutine(l.run)
 	}
 	return ls, nil
 }
@@ -460,13 +516,13 @@ func (ls *Listeners) CloseUnused() {
 // connections that had to be reset.
 func (ls *Listeners) Shutdown(grace time.Duration) int {
 	ls.StopAccepting()
-	ls.mu.Lock()
+	ls.connMu.Lock()
 	var drained chan struct{}
 	if len(ls.conns) > 0 {
 		drained = make(chan struct{})
 		ls.drained = drained
 	}
-	ls.mu.Unlock()
+	ls.connMu.Unlock()
 	if drained != nil {
 		t := time.NewTimer(grace)
 		select {
@@ -485,9 +541,9 @@ func (ls *Listeners) Shutdown(grace time.Duration) int {
 // open: the first step of Shutdown.
 func (ls *Listeners) StopAccepting() int {
 	ls.mu.Lock()
-	defer ls.mu.Unlock()
 	ls.closeListeners()
-	return len(ls.conns)
+	ls.mu.Unlock()
+	return ls.ActiveConnections()
 }
 
 // closeListeners closes every socket of every listener. ls.mu is held.
@@ -514,12 +570,19 @@ func (ls *Listeners) Close() {
 	ls.mu.Lock()
 	ls.closed = true
 	ls.closeListeners()
+	ls.mu.Unlock()
+	ls.connMu.Lock()
+	ls.noConns = true
 	for c := range ls.conns {
 		c.abort()
 	}
-	ls.mu.Unlock()
+	ls.connMu.Unlock()
 	ls.cancel()
+	for _, l := range ls.loops {
+		l.post(command{stop: true}) // after the resets just asked for
+	}
 	ls.wg.Wait()
+	ls.pipes.close()
 }
 
 // open binds a socket of l at want. A port of 0 takes a port from
@@ -589,21 +652,26 @@ func (ls *Listeners) goroutine(f func()) {
 	}()
 }
 
-// track records a proxied TCP connection, so that Close can end it. It
-// reports false when the set is already closed.
+// track hands a proxied TCP connection to a loop, and records it, so that
+// Close can end it. It reports false when the set is closing.
 func (ls *Listeners) track(c *tcpConn) bool {
-	ls.mu.Lock()
-	defer ls.mu.Unlock()
-	if ls.closed {
+	ls.connMu.Lock()
+	defer ls.connMu.Unlock()
+	if ls.noConns {
+		return false
+	}
+	l := ls.loops[int(ls.nextLoop.Add(1))%len(ls.loops)]
+	if !l.add(c) {
 		return false
 	}
 	ls.conns[c] = struct{}{}
 	return true
 }
 
+// untrack forgets c, which has ended; called by its loop.
 func (ls *Listeners) untrack(c *tcpConn) {
-	ls.mu.Lock()
-	defer ls.mu.Unlock()
+	ls.connMu.Lock()
+	defer ls.connMu.Unlock()
 	delete(ls.conns, c)
 	if ls.drained != nil && len(ls.conns) == 0 {
 		close(ls.drained)
@@ -613,7 +681,7 @@ func (ls *Listeners) untrack(c *tcpConn) {
 
 // ActiveConnections is the number of proxied TCP connections.
 func (ls *Listeners) ActiveConnections() int {
-	ls.mu.Lock()
-	defer ls.mu.Unlock()
+	ls.connMu.Lock()
+	defer ls.connMu.Unlock()
 	return len(ls.conns)
 }

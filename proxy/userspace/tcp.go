@@ -3,13 +3,13 @@ package userspace
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
-	"os"
-	"sync"
 	"time"
 
 	"github.com/sirupsen/logrus"
+	"golang.org/x/sys/unix"
 
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/internal/backoff"
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/balancer"
@@ -73,17 +73,19 @@ func (s *tcpSocket) serve() {
 			continue
 		}
 		s.l.set.goroutine(func() {
-			defer s.l.set.releaseTCP(s.l)
-			s.l.handle(c)
+			if !s.l.handle(c) {
+				s.l.set.releaseTCP(s.l)
+			}
 		})
 	}
 }
 
 // handle proxies one accepted client connection: choose an endpoint, dial it
-// (the next endpoint on failure), then copy bytes both ways.
-func (l *portListener) handle(client *net.TCPConn) {
-	defer client.Close()
-
+// (the next endpoint on failure), then hand both sockets to a loop, which
+// copies bytes both ways. It reports whether the connection was handed
+// over; if so, its place under the connection bounds is given back when it
+// ends, else the caller gives it back.
+func (l *portListener) handle(client *net.TCPConn) bool {
 	clientIP := client.RemoteAddr().(*net.TCPAddr).AddrPort().Addr().Unmap()
 	choice := l.bal.Pick(clientIP)
 	if choice.Len() == 0 {
@@ -91,44 +93,57 @@ func (l *portListener) handle(client *net.TCPConn) {
 		// RST, so the client sees "connection reset" before any data
 		// instead of waiting on a connection that will never answer.
 		client.SetLinger(0)
+		client.Close()
 		l.m.noEndpoints.Inc()
 		l.log.WithField("client", client.RemoteAddr()).Debug("Refused connection: service has no endpoints")
-		return
+		return false
 	}
 	backend, endpoint, err := l.dial(l.set.ctx, choice, client.RemoteAddr().(*net.TCPAddr).AddrPort())
 	if err != nil {
 		client.SetLinger(0)
+		client.Close()
 		l.m.dialError.Inc()
 		l.set.logDropped.Log(l.log.WithError(err).WithField("client", client.RemoteAddr()), func(e *logrus.Entry) {
 			e.Warn("Dropped connection: no endpoint answered")
 		})
-		return
+		return false
 	}
-	defer backend.Close()
 	if l.proxyProtocol.Load() {
 		if err := sendProxyHeader(client, backend); err != nil {
-			client.SetLinger(0)
-			backend.SetLinger(0)
+			for _, c := range []*net.TCPConn{client, backend} {
+				c.SetLinger(0)
+				c.Close()
+			}
 			l.m.dialError.Inc()
 			l.log.WithError(err).WithField("endpoint", endpoint).Debug("Dropped connection")
-			return
+			return false
 		}
 	}
-	conn := newTCPConn(client, backend, l.set.cfg.TCPIdleTimeout, l.set.cfg.halfCloseTimeout())
-	if !l.set.track(conn) {
-		conn.abort()
-		return // the set is closing
-	}
-	defer l.set.untrack(conn)
 	if endpoint != choice.Endpoint(0) {
 		l.bal.Connected(clientIP, endpoint)
 	}
+	var conn *tcpConn // for its end, which comes once the loop has it
+	conn, err = newTCPConn(client, backend, l.set.cfg.TCPIdleTimeout, l.set.cfg.halfCloseTimeout(), func(up, down int64) {
+		l.m.active.Dec()
+		l.m.toBackend.Add(float64(up))
+		l.m.fromBackend.Add(float64(down))
+		l.set.untrack(conn)
+		l.set.releaseTCP(l)
+	})
+	if err != nil {
+		client.Close()
+		backend.Close()
+		l.log.WithError(err).WithField("endpoint", endpoint).Debug("Dropped connection")
+		return false // a socket closed under us, or out of descriptors
+	}
 	l.m.ok.Inc()
 	l.m.active.Inc()
-	toBackend, fromBackend := conn.run()
-	l.m.active.Dec()
-	l.m.toBackend.Add(float64(toBackend))
-	l.m.fromBackend.Add(float64(fromBackend))
+	if !l.set.track(conn) {
+		conn.close() // the set is closing
+		l.m.active.Dec()
+		return false
+	}
+	return true
 }
 
 // dial tries the endpoints of choice in order, one per timeout of
@@ -156,165 +171,93 @@ func (l *portListener) dial(ctx context.Context, choice balancer.Choice, client 
 }
 
 // The two directions of a proxied connection. Direction d reads from
-// sockets[d] and writes to the other socket.
+// fds[d] and writes to the other socket.
 const (
 	toBackend   = 0 // client to pod: reads the client's socket
 	fromBackend = 1 // pod to client: reads the backend's socket
 )
 
-// tcpConn is one proxied connection: the client's socket, the one we opened
-// to the pod, and the guard that ends it when it stops moving.
-//
-// How a connection ends is passed on as it happened. A clean end of one
-// direction (a FIN) is forwarded as a FIN: the write side of the other
-// socket is shut and the other direction goes on, so a client that sends
-// its request and shuts its write side still gets the whole reply. An error
-// (a RST from either peer, a write that fails) resets both sockets
-// (SO_LINGER 0): a truncated transfer must never look complete to the
-// other side, which a clean close would make it.
-//
-// The idle guard uses read deadlines only. Each direction sets the read
-// deadline of the socket it reads; when it passes, the copy returns with
-// the bytes it moved meanwhile and resumes with a new deadline. A
-// direction whose deadline passed with nothing moved is quiet; when both
-// are quiet, or one is quiet and the other has finished, the connection has
-// been idle for at least one period and is reset. The period is
-// Config.TCPIdleTimeout while both directions run, and the shorter
-// Config.HalfCloseTimeout once one has finished (kubernetes#18354: a peer
-// that never closes its half must not hold both sockets forever). Write
-// deadlines are never used: a write that times out in the middle of a
-// splice would lose the bytes already in its pipe.
+// tcpConn is one proxied connection: the client's socket and the one we
+// opened to the pod, carried by a loop (loop.go), which alone touches its
+// sockets and state once it has been added.
 type tcpConn struct {
-	sockets          [2]*net.TCPConn // [toBackend] the client's, [fromBackend] the backend's
-	idleTimeout      time.Duration   // 0: none while both directions run
-	halfCloseTimeout time.Duration
-
-	mu    sync.Mutex
-	dirs  [2]direction
-	reset bool // abort ran: both sockets are closed
+	fds               [2]int  // [toBackend] the client's, [fromBackend] the backend's
+	dirs              [2]flow // [d] direction d
+	canRead, canWrite [2]bool // by socket: epoll said so, and no call has found it empty since
+	drain             [2]bool // by socket: its peer has shut its side: read to EOF
+	active            time.Time
+	idleTimeout       time.Duration // 0: none while both directions run
+	halfCloseTimeout  time.Duration
+	ended             bool
+	queued            bool // on its loop's again list
+	loop              *loop
+	slot, gen         int32                // its place in the loop, and which use of that place
+	done              func(up, down int64) // called by the loop once it has ended
 }
 
-// direction is what the guard knows of one direction.
-type direction struct {
-	done  bool      // its FIN was forwarded
-	quiet bool      // its last deadline passed with no byte moved
-	woke  time.Time // when its copy last returned (or started)
-}
-
-func newTCPConn(client, backend *net.TCPConn, idle, halfClose time.Duration) *tcpConn {
-	c := &tcpConn{sockets: [2]*net.TCPConn{client, backend}, idleTimeout: idle, halfCloseTimeout: halfClose}
-	now := time.Now()
-	for d := range c.dirs {
-		c.dirs[d].woke = now
-		c.sockets[d].SetReadDeadline(c.deadline(now))
-	}
-	return c
-}
-
-// run copies both ways until both directions are done, one direction in a
-// goroutine of its own and the other in the caller's. It returns the bytes
-// copied each way.
-func (c *tcpConn) run() (up, down int64) {
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		up = c.copy(toBackend)
-	}()
-	down = c.copy(fromBackend)
-	<-done
-	return up, down
-}
-
-// copy carries direction d until it ends, with splice(2): the bytes go
-// from socket to socket through a kernel pipe of the direction's own and
-// never into our memory.
-func (c *tcpConn) copy(d int) int64 {
-	src, dst := c.sockets[d], c.sockets[1-d]
-	p, err := newPipe()
-	if err != nil {
-		c.abort() // out of descriptors: the budget should have kept us from here
-		return 0
-	}
-	defer p.close()
-	var total int64
-	for {
-		n, err := splice(dst, src, p)
-		total += n
-		switch {
-		case err == nil: // src sent its FIN: forward it
-			if err := dst.CloseWrite(); err != nil {
-				c.abort()
-			} else {
-				c.finish(d)
+// newTCPConn takes the sockets of client and backend away from the Go
+// runtime, to be carried by a loop: each is duplicated and the original
+// closed, which also takes it out of the runtime's poller, so that the
+// runtime never wakes for them again. done is called when the connection
+// has ended.
+func newTCPConn(client, backend *net.TCPConn, idle, halfClose time.Duration, done func(up, down int64)) (*tcpConn, error) {
+	c := &tcpConn{idleTimeout: idle, halfCloseTimeout: halfClose, active: time.Now(), done: done}
+	for side, s := range []*net.TCPConn{client, backend} {
+		fd, err := detach(s)
+		if err != nil {
+			if side == fromBackend {
+				unix.Close(c.fds[toBackend])
 			}
-			return total
-		case errors.Is(err, os.ErrDeadlineExceeded) && c.resume(d, n > 0):
-			continue
-		default: // a reset, a failed write, the guard, or Close
-			c.abort()
-			return total
+			return nil, err
 		}
+		c.fds[side] = fd
+	}
+	return c, nil
+}
+
+// detach returns a descriptor of c's socket that the runtime does not
+// know, and closes c.
+func detach(c *net.TCPConn) (int, error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return -1, err
+	}
+	fd, derr := -1, error(nil)
+	if err := rc.Control(func(s uintptr) { fd, derr = unix.FcntlInt(s, unix.F_DUPFD_CLOEXEC, 0) }); err != nil {
+		return -1, err
+	}
+	if derr != nil {
+		return -1, fmt.Errorf("duplicate a socket: %w", derr)
+	}
+	c.Close() // the socket stays open through fd
+	return fd, nil
+}
+
+// close closes a connection that no loop carries, with a reset.
+func (c *tcpConn) close() {
+	for _, fd := range c.fds {
+		unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1, Linger: 0})
+		unix.Close(fd)
 	}
 }
 
-// deadline is the read deadline for a period starting at now; the zero
-// time is none.
-func (c *tcpConn) deadline(now time.Time) time.Time {
+// key is the epoll key of c's socket side: its slot and side.
+func (c *tcpConn) key(side int) int32 { return c.slot<<1 | int32(side) }
+
+// expired reports whether c has been idle too long at now: no byte moved
+// either way for the idle timeout, or, once one direction has finished,
+// for the half-close timeout.
+func (c *tcpConn) expired(now time.Time) bool {
 	period := c.idleTimeout
-	if c.dirs[toBackend].done || c.dirs[fromBackend].done {
+	if c.dirs[toBackend].finished || c.dirs[fromBackend].finished {
 		period = c.halfCloseTimeout
 	}
-	if period <= 0 {
-		return time.Time{}
-	}
-	return now.Add(period)
+	failed := c.dirs[toBackend].failed || c.dirs[fromBackend].failed
+	return failed || period > 0 && now.Sub(c.active) >= period
 }
 
-// resume is called when direction d's read deadline passed; moved says
-// whether d carried any byte since the last one. It reports whether the
-// connection goes on (with a new deadline for d) or has been idle long
-// enough to be ended.
-func (c *tcpConn) resume(d int, moved bool) bool {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	now := time.Now()
-	c.dirs[d].quiet = !moved
-	c.dirs[d].woke = now
-	other := &c.dirs[1-d]
-	// A direction whose deadline has not come back for two periods is
-	// stuck in a write: its peer stopped reading. It moves nothing either.
-	stuck := c.idleTimeout > 0 && !other.done && now.Sub(other.woke) > 2*c.idleTimeout
-	if !moved && (other.done || other.quiet || stuck) {
-		return false
-	}
-	c.sockets[d].SetReadDeadline(c.deadline(now))
-	return true
-}
-
-// finish records that direction d forwarded its FIN. The other direction
-// now runs on the half-close period, starting now.
-func (c *tcpConn) finish(d int) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.dirs[d].done = true
-	if o := 1 - d; !c.dirs[o].done && !c.reset {
-		now := time.Now()
-		c.dirs[o].woke = now
-		c.sockets[o].SetReadDeadline(c.deadline(now))
-	}
-}
-
-// abort resets both sockets: each peer sees ECONNRESET, not a clean end.
-// The other direction's copy then fails too and returns.
+// abort asks c's loop to reset both its sockets, from any goroutine: each
+// peer sees ECONNRESET, not a clean end.
 func (c *tcpConn) abort() {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.reset {
-		return
-	}
-	c.reset = true
-	for _, s := range c.sockets {
-		s.SetLinger(0) // Close sends a RST and drops what is unsent
-		s.Close()
-	}
+	c.loop.post(command{reset: c})
 }

@@ -1,0 +1,483 @@
+package userspace
+
+import (
+	"errors"
+	"runtime"
+	"sync"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// How the bytes of an established TCP connection cross the proxy.
+//
+// A proxied connection is two sockets: the client's, which we accepted,
+// and ours to the pod. Once both exist (tcp.go), they are handed to a loop:
+// one goroutine, locked to its thread, that waits in epoll_wait for any of
+// its connections' sockets to become readable or writable and then moves
+// what it can, without blocking, for every socket that woke. The proxy runs
+// one loop per core. This is how HAProxy and nginx carry bytes, and it is
+// much cheaper than a goroutine per direction on a small node: a wakeup
+// across cores costs tens of microseconds in a VM, and a loop that finds
+// several sockets ready serves them all in one wakeup, where goroutines
+// would each be woken, scheduled and parked on their own. An idle
+// connection costs its two sockets and a few hundred bytes here: no
+// goroutine, no buffer, no pipe.
+//
+// Each direction (client to pod, pod to client) decides by what it sees how
+// to move its bytes, as HAProxy's splice-auto does. Small messages (an HTTP
+// request, its short reply, a query) are read into a buffer and written
+// out: two system calls. A read that fills the buffer means bulk is
+// arriving, and the next reads splice(2): the bytes go from the socket into
+// a kernel pipe borrowed from a pool (pipePool) and from the pipe into the
+// other socket, 64 KiB at a time, never copied into our memory. A splice
+// that moves less than a buffer's worth means the burst is over and the
+// direction goes back to the buffer. The buffer and the pipe go back the
+// moment a direction has nothing left to move.
+//
+// The sockets are registered edge-triggered: epoll says once that a socket
+// became readable (or writable), and the loop remembers it (canRead,
+// canWrite) until a call finds it empty (EAGAIN). A read that returns less
+// than it asked for has emptied the socket too, so the loop does not spend
+// a system call on an EAGAIN to learn it: any byte arriving later wakes
+// epoll again. (Not after the peer's FIN, whose event came with the bytes:
+// then the loop reads on until EOF.)
+//
+// How a connection ends is passed on as it happened. A FIN (EOF on one
+// socket) is forwarded as a FIN: the write side of the other socket is
+// shut and the other direction goes on, so a client that sends its request
+// and shuts its write side still gets the whole reply. An error (a RST from
+// either peer, a write that fails) resets both sockets (SO_LINGER 0): a
+// truncated transfer must never look complete to the other side. A
+// connection that has moved no byte either way for Config.TCPIdleTimeout,
+// or for Config.HalfCloseTimeout once one direction has finished
+// (kubernetes#18354), is reset too; the loop checks every tick.
+
+// bufSize is the buffer a direction reads small messages into, and the
+// size of read that counts as bulk. HAProxy's default bufsize too.
+const bufSize = 16 << 10
+
+// buffers are shared by every direction of every connection; a direction
+// holds one only while bytes it read are on their way out.
+var buffers = sync.Pool{New: func() any { return new([bufSize]byte) }}
+
+// loop carries the established connections handed to it. Only its own
+// goroutine touches a connection's sockets and state; other goroutines
+// add connections (add) and ask for them to be reset (post).
+type loop struct {
+	pipes *pipePool
+	epfd  int
+	wake  int           // an eventfd: commands are waiting
+	tick  time.Duration // how often idle connections are looked for
+
+	mu      sync.Mutex
+	conns   []*tcpConn // by slot; nil for a free slot
+	free    []int32
+	cmds    []command
+	stopped bool
+
+	now   time.Time  // when epoll_wait last returned
+	again []*tcpConn // stopped by their fair share with more to move: served again before the next wait
+}
+
+// fairShare is how many reads one direction makes per turn: a stream that
+// never lets its socket run dry must not starve the loop's other
+// connections (edge-triggered epoll would not mention it again, so the
+// loop keeps it on its again list).
+const fairShare = 16
+
+// command is what other goroutines ask of a loop: reset c, or stop.
+type command struct {
+	reset *tcpConn
+	stop  bool
+}
+
+// wakeKey is the epoll key of a loop's eventfd; a socket's key is its
+// connection's slot and side (see tcpConn.key).
+const wakeKey = -1
+
+func newLoop(pipes *pipePool, tick time.Duration) (*loop, error) {
+	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	if err != nil {
+		return nil, err
+	}
+	wake, err := unix.Eventfd(0, unix.EFD_NONBLOCK|unix.EFD_CLOEXEC)
+	if err != nil {
+		unix.Close(epfd)
+		return nil, err
+	}
+	if err := unix.EpollCtl(epfd, unix.EPOLL_CTL_ADD, wake, &unix.EpollEvent{Events: unix.EPOLLIN, Fd: wakeKey}); err != nil {
+		unix.Close(epfd)
+		unix.Close(wake)
+		return nil, err
+	}
+	return &loop{pipes: pipes, epfd: epfd, wake: wake, tick: tick}, nil
+}
+
+// add registers c with the loop, which carries it from now on. It reports
+// false, having touched nothing, when the loop has stopped.
+func (l *loop) add(c *tcpConn) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.stopped {
+		return false
+	}
+	if n := len(l.free); n > 0 {
+		c.slot = l.free[n-1]
+		l.free = l.free[:n-1]
+		l.conns[c.slot] = c
+	} else {
+		c.slot = int32(len(l.conns))
+		l.conns = append(l.conns, c)
+	}
+	c.gen++
+	c.loop = l
+	// Registering a connected socket makes epoll report it writable at
+	// once (and readable, if bytes are waiting): that first event is
+	// what starts the connection in the loop.
+	for side, fd := range c.fds {
+		ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLOUT | unix.EPOLLRDHUP | unix.EPOLLET, Fd: c.key(side), Pad: c.gen}
+		if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_ADD, fd, &ev); err != nil {
+			// Cannot happen for a valid socket; the loop's next
+			// event for the other side, or its tick, ends it.
+			c.dirs[side].failed = true
+		}
+	}
+	return true
+}
+
+// post asks the loop to run cmd, from any goroutine.
+func (l *loop) post(cmd command) {
+	l.mu.Lock()
+	first := len(l.cmds) == 0
+	l.cmds = append(l.cmds, cmd)
+	l.mu.Unlock()
+	if first {
+		var one = [8]byte{1}
+		unix.Write(l.wake, one[:])
+	}
+}
+
+// run is the loop's goroutine, until a stop command.
+func (l *loop) run() {
+	runtime.LockOSThread() // the thread ends with the goroutine
+	defer func() {
+		unix.Close(l.epfd)
+		unix.Close(l.wake)
+	}()
+	events := make([]unix.EpollEvent, 256)
+	l.now = time.Now()
+	nextTick := l.now.Add(l.tick)
+	for {
+		timeout := int(max(0, nextTick.Sub(l.now).Milliseconds()+1))
+		if len(l.again) > 0 {
+			timeout = 0 // only collect what is ready meanwhile
+		}
+		n, err := unix.EpollWait(l.epfd, events, timeout)
+		if err != nil && !errors.Is(err, unix.EINTR) {
+			panic("epoll_wait: " + err.Error()) // only a bad epoll fd or buffer: a bug
+		}
+		l.now = time.Now()
+		for _, ev := range events[:max(n, 0)] {
+			if ev.Fd == wakeKey {
+				if l.commands() {
+					return
+				}
+				continue
+			}
+			c := l.lookup(ev)
+			if c == nil {
+				continue // ended earlier in this batch
+			}
+			side := int(ev.Fd & 1)
+			if ev.Events&(unix.EPOLLIN|unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
+				c.canRead[side] = true
+			}
+			if ev.Events&(unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
+				c.drain[side] = true
+			}
+			if ev.Events&(unix.EPOLLOUT|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
+				c.canWrite[side] = true
+			}
+			l.pump(c, side)
+			l.pump(c, 1-side)
+		}
+		again := l.again
+		l.again = nil
+		for _, c := range again {
+			c.queued = false
+			l.pump(c, toBackend)
+			l.pump(c, fromBackend)
+		}
+		if !l.now.Before(nextTick) {
+			l.expire()
+			nextTick = l.now.Add(l.tick)
+		}
+	}
+}
+
+// lookup is the connection an event is for, or nil if it has ended.
+func (l *loop) lookup(ev unix.EpollEvent) *tcpConn {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	slot := ev.Fd >> 1
+	if int(slot) >= len(l.conns) {
+		return nil
+	}
+	c := l.conns[slot]
+	if c == nil || c.gen != ev.Pad {
+		return nil
+	}
+	return c
+}
+
+// commands runs what other goroutines asked for. It reports whether the
+// loop must stop; stopping resets whatever is still open.
+func (l *loop) commands() (stop bool) {
+	var buf [8]byte
+	unix.Read(l.wake, buf[:])
+	l.mu.Lock()
+	cmds := l.cmds
+	l.cmds = nil
+	l.mu.Unlock()
+	for _, cmd := range cmds {
+		switch {
+		case cmd.stop:
+			stop = true
+		case cmd.reset.loop == l && !cmd.reset.ended:
+			l.end(cmd.reset, true)
+		}
+	}
+	if stop {
+		l.mu.Lock()
+		l.stopped = true
+		open := make([]*tcpConn, 0, len(l.conns)-len(l.free))
+		for _, c := range l.conns {
+			if c != nil {
+				open = append(open, c)
+			}
+		}
+		l.mu.Unlock()
+		for _, c := range open {
+			l.end(c, true)
+		}
+	}
+	return stop
+}
+
+// expire resets the connections that have been idle too long, or whose
+// registration failed.
+func (l *loop) expire() {
+	var idle []*tcpConn
+	l.mu.Lock()
+	for _, c := range l.conns {
+		if c != nil && c.expired(l.now) {
+			idle = append(idle, c)
+		}
+	}
+	l.mu.Unlock()
+	for _, c := range idle {
+		l.end(c, true)
+	}
+}
+
+// pump moves what it can of direction d of c without blocking: the bytes
+// read earlier and not yet written, then new bytes as long as its source
+// has some and its destination takes them.
+func (l *loop) pump(c *tcpConn, d int) {
+	f := &c.dirs[d]
+	src, dst := c.fds[d], c.fds[1-d]
+	for reads := 0; !c.ended && !f.finished; {
+		if f.failed {
+			l.end(c, true)
+			return
+		}
+		if f.start < f.end { // bytes waiting to go out
+			if !c.canWrite[1-d] {
+				return // epoll says when dst takes more
+			}
+			n, err := f.write(dst)
+			switch {
+			case err == unix.EAGAIN:
+				c.canWrite[1-d] = false
+				return
+			case err != nil:
+				l.end(c, true)
+				return
+			}
+			f.start += n
+			f.moved += int64(n)
+			c.active = l.now
+			continue
+		}
+		if !c.canRead[d] {
+			f.release(l.pipes) // nothing in flight: hold nothing while waiting
+			return
+		}
+		if reads++; reads > fairShare {
+			if !c.queued {
+				c.queued = true
+				l.again = append(l.again, c)
+			}
+			return
+		}
+		n, err := f.read(src, l.pipes)
+		switch {
+		case err == unix.EAGAIN:
+			c.canRead[d] = false
+			f.release(l.pipes)
+			return
+		case err != nil:
+			l.end(c, true)
+			return
+		case n == 0: // EOF: the peer's FIN, forwarded as ours
+			f.release(l.pipes)
+			f.finished = true
+			if c.dirs[1-d].finished {
+				l.end(c, false) // the close sends our FIN
+				return
+			}
+			if unix.Shutdown(dst, unix.SHUT_WR) != nil {
+				l.end(c, true)
+				return
+			}
+			c.active = l.now // the other direction's half-close period starts now
+			return
+		}
+		f.start, f.end = 0, n
+		f.bulk = n >= bufSize
+		if !f.bulk && !c.drain[d] {
+			c.canRead[d] = false // a short read emptied the socket
+		}
+	}
+}
+
+// end closes both sockets of c, with a reset unless both directions ended
+// cleanly, and reports its end.
+func (l *loop) end(c *tcpConn, reset bool) {
+	if c.ended {
+		return
+	}
+	c.ended = true
+	for side, fd := range c.fds {
+		if reset {
+			unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1, Linger: 0})
+		}
+		unix.Close(fd) // which takes it out of the epoll set too
+		c.dirs[side].drop(l.pipes)
+	}
+	l.mu.Lock()
+	l.conns[c.slot] = nil
+	l.free = append(l.free, c.slot)
+	l.mu.Unlock()
+	c.done(c.dirs[toBackend].moved, c.dirs[fromBackend].moved)
+}
+
+// flow is one direction of a connection: bytes read from its source
+// socket, on their way to the other one.
+type flow struct {
+	buf        *[bufSize]byte // borrowed from buffers, or nil
+	pipe       *pipe          // borrowed from the pool, or nil
+	start, end int            // bytes start..end of buf, or of what the pipe holds, are still to be written
+	inPipe     bool           // the bytes in flight are in the pipe
+	bulk       bool           // the last read filled a buffer: splice the next one
+	noSplice   bool           // the kernel refused to splice this socket
+	finished   bool           // its FIN was forwarded
+	failed     bool           // the connection must be reset
+	moved      int64          // bytes written to the destination
+}
+
+// read reads from fd into the buffer, or, while the direction moves bulk,
+// splices into a pipe. It returns the bytes read, 0 at EOF.
+func (f *flow) read(fd int, pipes *pipePool) (int, error) {
+	if f.bulk && !f.noSplice {
+		if f.pipe == nil {
+			f.pipe = pipes.get() // nil: the pool is at its bound, copy this one
+		}
+		if f.pipe != nil {
+			n, err := rawSplice(fd, f.pipe.w, f.pipe.size)
+			if err != unix.EINVAL {
+				f.inPipe = true
+				return n, err
+			}
+			f.noSplice = true // nothing was read: read it into the buffer
+		}
+	}
+	if f.pipe != nil {
+		pipes.put(f.pipe) // empty: every pipe is drained before the next read
+		f.pipe = nil
+	}
+	if f.buf == nil {
+		f.buf = buffers.Get().(*[bufSize]byte)
+	}
+	f.inPipe = false
+	return rawRW(unix.SYS_READ, fd, f.buf[:])
+}
+
+// write writes what is in flight to fd, or as much of it as fd takes.
+func (f *flow) write(fd int) (int, error) {
+	if f.inPipe {
+		return rawSplice(f.pipe.r, fd, f.end-f.start)
+	}
+	return rawRW(unix.SYS_WRITE, fd, f.buf[f.start:f.end])
+}
+
+// release gives back the buffer and the pipe of a direction with nothing
+// in flight (so the pipe is empty).
+func (f *flow) release(pipes *pipePool) {
+	if f.buf != nil {
+		buffers.Put(f.buf)
+		f.buf = nil
+	}
+	if f.pipe != nil {
+		pipes.put(f.pipe)
+		f.pipe = nil
+	}
+}
+
+// drop gives back what a direction holds when its connection ends: the
+// buffer, and the pipe closed if it may still hold bytes.
+func (f *flow) drop(pipes *pipePool) {
+	if f.pipe != nil && f.inPipe && f.start < f.end {
+		pipes.discard(f.pipe)
+		f.pipe = nil
+	}
+	f.release(pipes)
+}
+
+// The loop's reads, writes and splices are raw system calls: they never
+// block (every descriptor is non-blocking), so the Go scheduler need not
+// know of them. A call through syscall.Syscall would tell it, and one that
+// the kernel stretched (the write woke the peer, which took our CPU for a
+// while) could then lose the loop its P to sysmon and cost a thread
+// handoff to get it back.
+
+// rawRW is read(2) or write(2) on fd, repeated on EINTR.
+func rawRW(trap uintptr, fd int, p []byte) (int, error) {
+	for {
+		n, _, errno := unix.RawSyscall(trap, uintptr(fd), uintptr(unsafe.Pointer(unsafe.SliceData(p))), uintptr(len(p)))
+		switch errno {
+		case 0:
+			return int(n), nil
+		case unix.EINTR:
+			continue
+		}
+		return 0, errno
+	}
+}
+
+// rawSplice moves up to n bytes from in to out without blocking; one of
+// them is a pipe.
+func rawSplice(in, out, n int) (int, error) {
+	for {
+		m, _, errno := unix.RawSyscall6(unix.SYS_SPLICE, uintptr(in), 0, uintptr(out), 0, uintptr(n), unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+		switch errno {
+		case 0:
+			return int(m), nil
+		case unix.EINTR:
+			continue
+		}
+		return 0, errno
+	}
+}
