@@ -78,7 +78,7 @@ type Config struct {
 	TCPIdleTimeout time.Duration
 	// MaxPipes bounds the kernel pipes that bulk TCP transfers are
 	// spliced through, lent to a connection while it moves bulk (see
-	// copier). Zero means DefaultMaxPipes; the command sets FDBudget.Pipes.
+	// loop.go). Zero means DefaultMaxPipes; the command sets FDBudget.Pipes.
 	MaxPipes int
 	// Loops is how many event loops carry established TCP connections
 	// (loop.go). Zero means one per two cores (see Config.loops).
@@ -176,10 +176,10 @@ func (c *Config) loops() int {
 	return max(1, runtime.GOMAXPROCS(0)/2)
 }
 
-// loopTick is how often a loop looks for idle connections: an eighth of
-// the shortest timeout, between 5ms and 1s.
+// loopTick is how often a loop looks for idle connections and sessions: an
+// eighth of the shortest timeout, between 5ms and 1s.
 func (c *Config) loopTick() time.Duration {
-	shortest := c.halfCloseTimeout()
+	shortest := min(c.halfCloseTimeout(), c.udpTimeout())
 	if c.TCPIdleTimeout > 0 {
 		shortest = min(shortest, c.TCPIdleTimeout)
 	}
@@ -579,7 +579,7 @@ func (ls *Listeners) Close() {
 	ls.connMu.Unlock()
 	ls.cancel()
 	for _, l := range ls.loops {
-		l.post(command{stop: true}) // after the resets just asked for
+		l.stop() // after the resets just asked for
 	}
 	ls.wg.Wait()
 	ls.pipes.close()
@@ -660,12 +660,16 @@ func (ls *Listeners) track(c *tcpConn) bool {
 	if ls.noConns {
 		return false
 	}
-	l := ls.loops[int(ls.nextLoop.Add(1))%len(ls.loops)]
-	if !l.add(c) {
+	if !c.carry(ls.loop()) {
 		return false
 	}
 	ls.conns[c] = struct{}{}
 	return true
+}
+
+// loop is the loop the next connection or socket goes to.
+func (ls *Listeners) loop() *loop {
+	return ls.loops[int(ls.nextLoop.Add(1))%len(ls.loops)]
 }
 
 // untrack forgets c, which has ended; called by its loop.

@@ -62,40 +62,57 @@ const bufSize = 16 << 10
 // holds one only while bytes it read are on their way out.
 var buffers = sync.Pool{New: func() any { return new([bufSize]byte) }}
 
-// loop carries the established connections handed to it. Only its own
-// goroutine touches a connection's sockets and state; other goroutines
-// add connections (add) and ask for them to be reset (post).
+// loop carries the sockets handed to it: established TCP connections, and
+// UDP service sockets with their sessions (udp.go). Only its own goroutine
+// touches those sockets and their state; other goroutines add entries
+// (add) and ask it to run things (post, do).
 type loop struct {
 	pipes *pipePool
 	epfd  int
 	wake  int           // an eventfd: commands are waiting
-	tick  time.Duration // how often idle connections are looked for
+	tick  time.Duration // how often idle entries are looked for
 
-	mu      sync.Mutex
-	conns   []*tcpConn // by slot; nil for a free slot
-	free    []int32
-	cmds    []command
-	stopped bool
+	mu       sync.Mutex
+	slots    []slot // by slot number; a free slot has no entry
+	free     []int32
+	cmds     []func(*loop)
+	stopped  bool
+	stopping bool // set by the stop command, on the loop's goroutine
 
-	now   time.Time  // when epoll_wait last returned
-	again []*tcpConn // stopped by their fair share with more to move: served again before the next wait
+	now   time.Time // when epoll_wait last returned
+	again []entry   // stopped by their fair share with more to move: served again before the next wait
+	udp   udpBatch  // the buffers UDP datagrams are read into, one socket at a time
 }
 
-// fairShare is how many reads one direction makes per turn: a stream that
+// entry is what a loop carries: a TCP connection, a UDP service socket, a
+// UDP session. Its methods run on the loop's goroutine.
+type entry interface {
+	// event handles what epoll said of the entry's socket side.
+	event(l *loop, side int, events uint32)
+	// resume goes on with work cut short by the fair share.
+	resume(l *loop)
+	// tick is called every loop tick: an idle entry ends itself.
+	tick(l *loop)
+	// stop ends the entry: the loop is stopping.
+	stop(l *loop)
+}
+
+type slot struct {
+	e   entry
+	gen int32 // which use of the slot: stale events carry an older one
+}
+
+// key is the epoll key of side of the entry in slot; wakeKey is the
+// eventfd's.
+func key(slot int32, side int) int32 { return slot<<1 | int32(side) }
+
+const wakeKey = -1
+
+// fairShare is how many reads one entry makes per turn: a stream that
 // never lets its socket run dry must not starve the loop's other
 // connections (edge-triggered epoll would not mention it again, so the
 // loop keeps it on its again list).
 const fairShare = 16
-
-// command is what other goroutines ask of a loop: reset c, or stop.
-type command struct {
-	reset *tcpConn
-	stop  bool
-}
-
-// wakeKey is the epoll key of a loop's eventfd; a socket's key is its
-// connection's slot and side (see tcpConn.key).
-const wakeKey = -1
 
 func newLoop(pipes *pipePool, tick time.Duration) (*loop, error) {
 	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
@@ -115,48 +132,76 @@ func newLoop(pipes *pipePool, tick time.Duration) (*loop, error) {
 	return &loop{pipes: pipes, epfd: epfd, wake: wake, tick: tick}, nil
 }
 
-// add registers c with the loop, which carries it from now on. It reports
-// false, having touched nothing, when the loop has stopped.
-func (l *loop) add(c *tcpConn) bool {
+// add registers e, whose sockets are fds (side 0, side 1...), for events
+// (edge-triggered), and returns e's slot and generation. From the moment
+// it returns, the loop may call e. It reports false, having touched
+// nothing, when the loop has stopped; set is called first, under the
+// loop's lock, so e knows its slot before any event.
+func (l *loop) add(e entry, events uint32, set func(slot, gen int32), fds ...int) bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.stopped {
 		return false
 	}
-	if n := len(l.free); n > 0 {
-		c.slot = l.free[n-1]
-		l.free = l.free[:n-1]
-		l.conns[c.slot] = c
+	var n int32
+	if k := len(l.free); k > 0 {
+		n = l.free[k-1]
+		l.free = l.free[:k-1]
 	} else {
-		c.slot = int32(len(l.conns))
-		l.conns = append(l.conns, c)
+		n = int32(len(l.slots))
+		l.slots = append(l.slots, slot{})
 	}
-	c.gen++
-	c.loop = l
-	// Registering a connected socket makes epoll report it writable at
-	// once (and readable, if bytes are waiting): that first event is
-	// what starts the connection in the loop.
-	for side, fd := range c.fds {
-		ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLOUT | unix.EPOLLRDHUP | unix.EPOLLET, Fd: c.key(side), Pad: c.gen}
+	l.slots[n].e = e
+	l.slots[n].gen++
+	set(n, l.slots[n].gen)
+	for side, fd := range fds {
+		ev := unix.EpollEvent{Events: events | unix.EPOLLET, Fd: key(n, side), Pad: l.slots[n].gen}
 		if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_ADD, fd, &ev); err != nil {
-			// Cannot happen for a valid socket; the loop's next
-			// event for the other side, or its tick, ends it.
-			c.dirs[side].failed = true
+			// Cannot happen for a valid socket. The entry learns of it
+			// at its first tick.
+			l.cmds = append(l.cmds, func(l *loop) { e.stop(l) })
 		}
 	}
 	return true
 }
 
-// post asks the loop to run cmd, from any goroutine.
-func (l *loop) post(cmd command) {
+// remove frees the slot of an entry that has ended; its sockets are closed
+// already, which took them out of the epoll set.
+func (l *loop) remove(n int32) {
+	l.mu.Lock()
+	l.slots[n].e = nil
+	l.free = append(l.free, n)
+	l.mu.Unlock()
+}
+
+// post asks the loop to run f on its goroutine, from any goroutine.
+func (l *loop) post(f func(*loop)) {
 	l.mu.Lock()
 	first := len(l.cmds) == 0
-	l.cmds = append(l.cmds, cmd)
+	l.cmds = append(l.cmds, f)
 	l.mu.Unlock()
 	if first {
-		var one = [8]byte{1}
+		one := [8]byte{1}
 		unix.Write(l.wake, one[:])
 	}
+}
+
+// do runs f on the loop's goroutine and waits for it, or runs it here if
+// the loop has stopped (then nothing else touches the loop's entries).
+func (l *loop) do(f func(*loop)) {
+	l.mu.Lock()
+	stopped := l.stopped
+	l.mu.Unlock()
+	if stopped {
+		f(l)
+		return
+	}
+	done := make(chan struct{})
+	l.post(func(l *loop) {
+		defer close(done)
+		f(l)
+	})
+	<-done
 }
 
 // run is the loop's goroutine, until a stop command.
@@ -186,54 +231,35 @@ func (l *loop) run() {
 				}
 				continue
 			}
-			c := l.lookup(ev)
-			if c == nil {
-				continue // ended earlier in this batch
+			if e := l.lookup(ev); e != nil {
+				e.event(l, int(ev.Fd&1), ev.Events)
 			}
-			side := int(ev.Fd & 1)
-			if ev.Events&(unix.EPOLLIN|unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
-				c.canRead[side] = true
-			}
-			if ev.Events&(unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
-				c.drain[side] = true
-			}
-			if ev.Events&(unix.EPOLLOUT|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
-				c.canWrite[side] = true
-			}
-			l.pump(c, side)
-			l.pump(c, 1-side)
 		}
 		again := l.again
 		l.again = nil
-		for _, c := range again {
-			c.queued = false
-			l.pump(c, toBackend)
-			l.pump(c, fromBackend)
+		for _, e := range again {
+			e.resume(l)
 		}
 		if !l.now.Before(nextTick) {
-			l.expire()
+			l.ticks()
 			nextTick = l.now.Add(l.tick)
 		}
 	}
 }
 
-// lookup is the connection an event is for, or nil if it has ended.
-func (l *loop) lookup(ev unix.EpollEvent) *tcpConn {
+// lookup is the entry an event is for, or nil if it has ended.
+func (l *loop) lookup(ev unix.EpollEvent) entry {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	slot := ev.Fd >> 1
-	if int(slot) >= len(l.conns) {
+	n := ev.Fd >> 1
+	if int(n) >= len(l.slots) || l.slots[n].gen != ev.Pad {
 		return nil
 	}
-	c := l.conns[slot]
-	if c == nil || c.gen != ev.Pad {
-		return nil
-	}
-	return c
+	return l.slots[n].e
 }
 
 // commands runs what other goroutines asked for. It reports whether the
-// loop must stop; stopping resets whatever is still open.
+// loop must stop; stopping ends whatever is still open.
 func (l *loop) commands() (stop bool) {
 	var buf [8]byte
 	unix.Read(l.wake, buf[:])
@@ -241,46 +267,88 @@ func (l *loop) commands() (stop bool) {
 	cmds := l.cmds
 	l.cmds = nil
 	l.mu.Unlock()
-	for _, cmd := range cmds {
-		switch {
-		case cmd.stop:
-			stop = true
-		case cmd.reset.loop == l && !cmd.reset.ended:
-			l.end(cmd.reset, true)
-		}
+	for _, f := range cmds {
+		f(l)
 	}
-	if stop {
-		l.mu.Lock()
-		l.stopped = true
-		open := make([]*tcpConn, 0, len(l.conns)-len(l.free))
-		for _, c := range l.conns {
-			if c != nil {
-				open = append(open, c)
-			}
-		}
-		l.mu.Unlock()
-		for _, c := range open {
-			l.end(c, true)
-		}
+	if !l.stopping {
+		return false
 	}
-	return stop
+	l.mu.Lock()
+	l.stopped = true
+	cmds = l.cmds // posted after the stop: run here, nothing will wake for them
+	l.cmds = nil
+	l.mu.Unlock()
+	for _, f := range cmds {
+		f(l)
+	}
+	for _, e := range l.entries() {
+		e.stop(l)
+	}
+	return true
 }
 
-// expire resets the connections that have been idle too long, or whose
-// registration failed.
-func (l *loop) expire() {
-	var idle []*tcpConn
+// stop asks the loop to end everything it carries and return.
+func (l *loop) stop() {
+	l.post(func(l *loop) { l.stopping = true })
+}
+
+// entries are the entries the loop carries now.
+func (l *loop) entries() []entry {
 	l.mu.Lock()
-	for _, c := range l.conns {
-		if c != nil && c.expired(l.now) {
-			idle = append(idle, c)
+	defer l.mu.Unlock()
+	es := make([]entry, 0, len(l.slots)-len(l.free))
+	for _, s := range l.slots {
+		if s.e != nil {
+			es = append(es, s.e)
 		}
 	}
-	l.mu.Unlock()
-	for _, c := range idle {
+	return es
+}
+
+// ticks lets every entry end itself if it has been idle too long.
+func (l *loop) ticks() {
+	for _, e := range l.entries() {
+		e.tick(l)
+	}
+}
+
+// queue puts e on the again list, once.
+func (l *loop) queue(e entry, queued *bool) {
+	if !*queued {
+		*queued = true
+		l.again = append(l.again, e)
+	}
+}
+
+// event: epoll's news of one socket of the connection. Both directions
+// may move now: one reads this socket, the other writes it.
+func (c *tcpConn) event(l *loop, side int, events uint32) {
+	if events&(unix.EPOLLIN|unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
+		c.canRead[side] = true
+	}
+	if events&(unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
+		c.drain[side] = true
+	}
+	if events&(unix.EPOLLOUT|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
+		c.canWrite[side] = true
+	}
+	l.pump(c, side)
+	l.pump(c, 1-side)
+}
+
+func (c *tcpConn) resume(l *loop) {
+	c.queued = false
+	l.pump(c, toBackend)
+	l.pump(c, fromBackend)
+}
+
+func (c *tcpConn) tick(l *loop) {
+	if c.expired(l.now) {
 		l.end(c, true)
 	}
 }
+
+func (c *tcpConn) stop(l *loop) { l.end(c, true) }
 
 // pump moves what it can of direction d of c without blocking: the bytes
 // read earlier and not yet written, then new bytes as long as its source
@@ -316,10 +384,7 @@ func (l *loop) pump(c *tcpConn, d int) {
 			return
 		}
 		if reads++; reads > fairShare {
-			if !c.queued {
-				c.queued = true
-				l.again = append(l.again, c)
-			}
+			l.queue(c, &c.queued)
 			return
 		}
 		n, err := f.read(src, l.pipes)
@@ -367,10 +432,7 @@ func (l *loop) end(c *tcpConn, reset bool) {
 		unix.Close(fd) // which takes it out of the epoll set too
 		c.dirs[side].drop(l.pipes)
 	}
-	l.mu.Lock()
-	l.conns[c.slot] = nil
-	l.free = append(l.free, c.slot)
-	l.mu.Unlock()
+	l.remove(c.slot)
 	c.done(c.dirs[toBackend].moved, c.dirs[fromBackend].moved)
 }
 

@@ -23,7 +23,7 @@ const pipeSize = 1 << 20
 
 // pipePool lends pipes to the connections that are moving bulk right now.
 // A connection holds no pipe while it is idle or moving small messages
-// (those are copied through a buffer, see copier): it borrows one when a
+// (those are copied through a buffer, see loop.go): it borrows one when a
 // read fills its buffer, and gives it back, empty, as soon as its socket
 // has nothing more to read. So the pipes in use follow the bulk transfers
 // in flight, not the connections open; the pool keeps a few idle ones for

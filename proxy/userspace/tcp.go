@@ -3,7 +3,6 @@ package userspace
 import (
 	"context"
 	"errors"
-	"fmt"
 	"net"
 	"net/netip"
 	"time"
@@ -191,7 +190,7 @@ type tcpConn struct {
 	ended             bool
 	queued            bool // on its loop's again list
 	loop              *loop
-	slot, gen         int32                // its place in the loop, and which use of that place
+	slot              int32                // its place in the loop
 	done              func(up, down int64) // called by the loop once it has ended
 }
 
@@ -203,7 +202,7 @@ type tcpConn struct {
 func newTCPConn(client, backend *net.TCPConn, idle, halfClose time.Duration, done func(up, down int64)) (*tcpConn, error) {
 	c := &tcpConn{idleTimeout: idle, halfCloseTimeout: halfClose, active: time.Now(), done: done}
 	for side, s := range []*net.TCPConn{client, backend} {
-		fd, err := detach(s)
+		fd, err := detachFD(s)
 		if err != nil {
 			if side == fromBackend {
 				unix.Close(c.fds[toBackend])
@@ -215,24 +214,6 @@ func newTCPConn(client, backend *net.TCPConn, idle, halfClose time.Duration, don
 	return c, nil
 }
 
-// detach returns a descriptor of c's socket that the runtime does not
-// know, and closes c.
-func detach(c *net.TCPConn) (int, error) {
-	rc, err := c.SyscallConn()
-	if err != nil {
-		return -1, err
-	}
-	fd, derr := -1, error(nil)
-	if err := rc.Control(func(s uintptr) { fd, derr = unix.FcntlInt(s, unix.F_DUPFD_CLOEXEC, 0) }); err != nil {
-		return -1, err
-	}
-	if derr != nil {
-		return -1, fmt.Errorf("duplicate a socket: %w", derr)
-	}
-	c.Close() // the socket stays open through fd
-	return fd, nil
-}
-
 // close closes a connection that no loop carries, with a reset.
 func (c *tcpConn) close() {
 	for _, fd := range c.fds {
@@ -240,9 +221,6 @@ func (c *tcpConn) close() {
 		unix.Close(fd)
 	}
 }
-
-// key is the epoll key of c's socket side: its slot and side.
-func (c *tcpConn) key(side int) int32 { return c.slot<<1 | int32(side) }
 
 // expired reports whether c has been idle too long at now: no byte moved
 // either way for the idle timeout, or, once one direction has finished,
@@ -259,5 +237,11 @@ func (c *tcpConn) expired(now time.Time) bool {
 // abort asks c's loop to reset both its sockets, from any goroutine: each
 // peer sees ECONNRESET, not a clean end.
 func (c *tcpConn) abort() {
-	c.loop.post(command{reset: c})
+	c.loop.post(func(l *loop) { l.end(c, true) })
+}
+
+// carry hands c to loop l. It reports false when l has stopped.
+func (c *tcpConn) carry(l *loop) bool {
+	c.loop = l
+	return l.add(c, unix.EPOLLIN|unix.EPOLLOUT|unix.EPOLLRDHUP, func(slot, gen int32) { c.slot = slot }, c.fds[:]...)
 }

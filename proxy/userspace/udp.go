@@ -3,64 +3,73 @@ package userspace
 import (
 	"container/list"
 	"context"
+	"encoding/binary"
 	"errors"
+	"fmt"
+	"io"
 	"net"
 	"net/netip"
-	"os"
 	"sync"
-	"sync/atomic"
+	"syscall"
 	"time"
+	"unsafe"
 
 	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
 
-	"github.com/kube-userspace-proxy/kube-userspace-proxy/internal/backoff"
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/balancer"
 )
 
-// maxDatagram is the largest UDP payload over IPv4. Upstream read into 4 KiB
-// buffers and silently truncated larger datagrams (kubernetes#47659).
-const maxDatagram = 64 * 1024
-
-// replyBuffers lend a maxDatagram buffer to a session for as long as it
-// relays a burst of replies, and take it back when its socket is drained:
-// an idle session holds no buffer (a buffer each made an idle session cost
-// 129 KiB, so that spoofed sources could exhaust the node's memory).
-var replyBuffers = sync.Pool{New: func() any { b := make([]byte, maxDatagram); return &b }}
-
 // udpSocket serves one UDP service port at one address. UDP has no
-// connections, so the
-// proxy makes sessions: the first datagram from a client ip:port picks an
-// endpoint and opens a socket connected to it; later datagrams from that
-// client go the same way, and the endpoint's replies are sent back to the
-// client from the service socket. A session ends after Config.UDPTimeout
-// without traffic either way, or when its endpoint goes away.
+// connections, so the proxy makes sessions: the first datagram from a
+// client ip:port picks an endpoint and opens a socket connected to it;
+// later datagrams from that client go the same way, and the endpoint's
+// replies are sent back to the client from the service socket. A session
+// ends after Config.UDPTimeout without traffic either way, or when its
+// endpoint goes away.
+//
+// The service socket and all its sessions' sockets are carried by one loop
+// (loop.go), which alone reads and writes them: datagrams are read in
+// batches (recvmmsg) into the loop's buffers, and forwarded with raw,
+// non-blocking system calls; an idle session holds its socket and this
+// struct, no goroutine and no buffer.
 type udpSocket struct {
-	pc  *net.UDPConn
-	dst pktinfo // reads and writes the datagrams' local address
-	set *Listeners
-	bal *balancer.Balancer
-	log logrus.FieldLogger
-	m   *protoMetrics
+	fd    int // the service socket
+	bound netip.AddrPort
+	dst   pktinfo // reads and writes the datagrams' local address
+	set   *Listeners
+	bal   *balancer.Balancer
+	log   logrus.FieldLogger
+	m     *protoMetrics
+	loop  *loop
+	slot  int32
+	ended bool // closed, on the loop
 
-	mu       sync.Mutex
+	queued bool // on the loop's again list
+
+	mu       sync.Mutex // guards sessions and lru for Sessions; all changes are made on the loop
 	sessions map[netip.AddrPort]*udpSession
 	lru      list.List // of *udpSession, the one the client used least recently first
-	closed   bool
 }
 
 // udpSession is one client's flow through the service port.
 type udpSession struct {
+	u        *udpSocket
 	client   netip.AddrPort
 	local    netip.Addr // the address the client sent to: replies come from it
-	oob      []byte     // the IP_PKTINFO / IPV6_PKTINFO control message that says so
 	endpoint netip.AddrPort
-	backend  *net.UDPConn  // connected to endpoint
-	last     atomic.Int64  // unix nanoseconds of the last datagram either way
+	fd       int           // connected to endpoint
+	last     time.Time     // of the last datagram either way
 	elem     *list.Element // in udpSocket.lru; nil once removed
+	slot     int32
+	// reply is the sendmsg header of a reply to the client: its address,
+	// and the IP_PKTINFO / IPV6_PKTINFO control message that sends it
+	// from local.
+	reply   unix.Msghdr
+	to      unix.RawSockaddrAny
+	oob     []byte
+	queued  bool
 }
-
-func (s *udpSession) touch() { s.last.Store(time.Now().UnixNano()) }
 
 func (l *portListener) listenUDP(addr netip.AddrPort) (socket, error) {
 	c, err := ListenConfig.ListenPacket(context.Background(), network("udp", addr.Addr()), addr.String())
@@ -81,8 +90,14 @@ func (l *portListener) listenUDP(addr netip.AddrPort) (socket, error) {
 		pc.Close()
 		return nil, err
 	}
-	s := &udpSocket{
-		pc:       pc,
+	bound := pc.LocalAddr().(*net.UDPAddr).AddrPort()
+	fd, err := detachFD(pc)
+	if err != nil {
+		return nil, err
+	}
+	u := &udpSocket{
+		fd:       fd,
+		bound:    bound,
 		dst:      dst,
 		set:      l.set,
 		bal:      &l.bal,
@@ -90,55 +105,70 @@ func (l *portListener) listenUDP(addr netip.AddrPort) (socket, error) {
 		m:        l.m,
 		sessions: make(map[netip.AddrPort]*udpSession),
 	}
-	l.set.goroutine(s.serve)
-	return s, nil
+	u.loop = l.set.loop()
+	if !u.loop.add(u, unix.EPOLLIN, func(slot, _ int32) { u.slot = slot }, fd) {
+		unix.Close(fd)
+		return nil, errors.New("listeners are closed")
+	}
+	return u, nil
 }
 
-func (u *udpSocket) addr() netip.AddrPort { return u.pc.LocalAddr().(*net.UDPAddr).AddrPort() }
+func (u *udpSocket) addr() netip.AddrPort { return u.bound }
 
 // endpointsChanged ends the sessions of endpoints that are gone, so that the
 // client's next datagram picks a live one instead of being sent to a pod that
 // no longer exists.
 func (u *udpSocket) endpointsChanged() {
-	u.mu.Lock()
-	defer u.mu.Unlock()
-	for _, s := range u.sessions {
-		if !u.bal.Has(s.endpoint) {
-			u.remove(s) // its reader sees the error and returns
+	u.loop.do(func(l *loop) {
+		for _, s := range u.sessions {
+			if !u.bal.Has(s.endpoint) {
+				u.remove(l, s)
+			}
 		}
-	}
+	})
 }
 
 // close closes the service socket and every session: without the service
-// socket no reply could reach a client anyway.
+// socket no reply could reach a client anyway. It returns once the socket
+// is closed, so that its address can be bound again at once.
 func (u *udpSocket) close() {
-	u.mu.Lock()
-	defer u.mu.Unlock()
-	u.closed = true
-	u.pc.Close()
-	for _, s := range u.sessions {
-		u.remove(s)
-	}
+	u.loop.do(func(l *loop) { u.stop(l) })
 }
 
-// remove takes s out of the socket's sessions, gives back its place in the
-// node's budget and closes its backend socket. u.mu is held; s is present.
-func (u *udpSocket) remove(s *udpSession) {
+func (u *udpSocket) stop(l *loop) {
+	if u.ended {
+		return
+	}
+	u.ended = true
+	for _, s := range u.sessions {
+		u.remove(l, s)
+	}
+	unix.Close(u.fd)
+	l.remove(u.slot)
+}
+
+// remove ends session s: it gives back its place in the node's budget and
+// closes its socket. On the loop; s is present.
+func (u *udpSocket) remove(l *loop, s *udpSession) {
+	u.mu.Lock()
 	delete(u.sessions, s.client)
 	u.lru.Remove(s.elem)
+	u.mu.Unlock()
 	s.elem = nil
 	u.set.udpSessions.Add(-1)
-	s.backend.Close()
+	u.m.active.Dec()
+	unix.Close(s.fd)
+	l.remove(s.slot)
 }
 
 // makeRoom makes room for one more session, within the per-port cap and
 // the node-wide one, evicting this port's least recently used session when
 // either is reached. It reports false when the node-wide cap is reached
-// and this port has no session to give up. u.mu is held.
-func (u *udpSocket) makeRoom() bool {
+// and this port has no session to give up.
+func (u *udpSocket) makeRoom(l *loop) bool {
 	cfg := &u.set.cfg
 	if len(u.sessions) >= cfg.udpMaxSessionsPerPort() {
-		u.evictOldest()
+		u.evictOldest(l)
 	}
 	for {
 		n := u.set.udpSessions.Load()
@@ -151,12 +181,12 @@ func (u *udpSocket) makeRoom() bool {
 		if u.lru.Len() == 0 {
 			return false
 		}
-		u.evictOldest()
+		u.evictOldest(l)
 	}
 }
 
-func (u *udpSocket) evictOldest() {
-	u.remove(u.lru.Front().Value.(*udpSession))
+func (u *udpSocket) evictOldest(l *loop) {
+	u.remove(l, u.lru.Front().Value.(*udpSession))
 	u.m.evicted.Inc()
 }
 
@@ -167,197 +197,228 @@ func (u *udpSocket) Sessions() int {
 	return len(u.sessions)
 }
 
-// serve reads client datagrams and forwards each through its session. A read
-// error other than the socket being closed is logged and retried with a
-// backoff: it never silently ends the service (kubernetes#13709).
-func (u *udpSocket) serve() {
-	buf := make([]byte, maxDatagram)
-	oob := u.dst.buffer()
-	failures := 0
-	for {
-		n, oobn, _, client, err := u.pc.ReadMsgUDPAddrPort(buf, oob)
-		if errors.Is(err, net.ErrClosed) {
+// event: client datagrams are waiting on the service socket.
+func (u *udpSocket) event(l *loop, _ int, _ uint32) { u.read(l) }
+
+func (u *udpSocket) resume(l *loop) {
+	u.queued = false
+	u.read(l)
+}
+
+func (u *udpSocket) tick(*loop) {} // its sessions tick on their own
+
+// read reads the client datagrams waiting on the service socket, a batch
+// at a time, and forwards each through its session. A read error other
+// than an empty socket is logged and counted; the next datagram wakes the
+// loop again (kubernetes#13709: an error never silently ends the service).
+func (u *udpSocket) read(l *loop) {
+	for range fairShare {
+		if u.ended {
+			return
+		}
+		n, err := l.udp.recv(u.fd)
+		if err == unix.EAGAIN {
 			return
 		}
 		if err != nil {
-			u.set.logListenErr.Log(u.log.WithError(err), func(e *logrus.Entry) { e.Warn("UDP read failed; backing off") })
+			u.set.logListenErr.Log(u.log.WithError(err), func(e *logrus.Entry) { e.Warn("UDP read failed") })
 			u.m.acceptErrs.Inc()
-			time.Sleep(backoff.Accept(failures))
-			failures++
-			continue
+			return
 		}
-		failures = 0
-		client = netip.AddrPortFrom(client.Addr().Unmap(), client.Port())
-		u.forward(client, u.dst.parse(oob[:oobn]), buf[:n])
+		for i := range n {
+			client, local, b := l.udp.datagram(i, u.dst)
+			u.forward(l, client, local, b)
+		}
+		if n < len(l.udp.msgs) {
+			return // the batch was not full: the socket is empty
+		}
 	}
+	l.queue(u, &u.queued)
 }
 
 // forward sends one client datagram to the client's session, making the
 // session first if there is none or the old one has failed.
-func (u *udpSocket) forward(client netip.AddrPort, local netip.Addr, b []byte) {
+func (u *udpSocket) forward(l *loop, client netip.AddrPort, local netip.Addr, b []byte) {
 	for range 2 {
-		s := u.session(client, local)
+		s := u.session(l, client, local)
 		if s == nil {
 			return // no endpoint: the datagram is dropped, as upstream did
 		}
-		s.touch()
-		if _, err := s.backend.Write(b); err == nil {
+		s.last = l.now
+		if _, err := rawRW(unix.SYS_WRITE, s.fd, b); err == nil || err == unix.EAGAIN {
+			// EAGAIN: the socket's send buffer is full, and UDP may
+			// drop: so would the network.
 			u.m.toBackend.Add(float64(len(b)))
 			return
 		}
-		u.end(s) // a broken session; the second round makes a new one
+		u.remove(l, s) // a broken session (ECONNREFUSED); the second round makes a new one
 	}
 }
 
 // session returns client's session, making it if needed. Making one dials
 // no one: connecting a UDP socket only records the peer address, so it is
-// quick and safe to do in the read loop.
-func (u *udpSocket) session(client netip.AddrPort, local netip.Addr) *udpSession {
-	u.mu.Lock()
-	s, ok := u.sessions[client]
-	if ok {
+// quick and safe to do in the loop.
+func (u *udpSocket) session(l *loop, client netip.AddrPort, local netip.Addr) *udpSession {
+	if s, ok := u.sessions[client]; ok {
+		u.mu.Lock()
 		u.lru.MoveToBack(s.elem)
-	}
-	closed := u.closed
-	// A new client needs room first, so that a flood of new sources
-	// costs no socket once the node is full.
-	room := !ok && !closed && u.makeRoom()
-	u.mu.Unlock()
-	if ok || closed {
+		u.mu.Unlock()
 		return s
 	}
-	if !room {
+	// A new client needs room first, so that a flood of new sources
+	// costs no socket once the node is full.
+	if !u.makeRoom(l) {
 		u.m.refused.Inc()
 		return nil
 	}
-	made := false
-	defer func() {
-		if !made {
-			u.set.udpSessions.Add(-1) // the room taken goes back
-		}
-	}()
+	s := u.dialSession(client, local)
+	if s == nil {
+		u.set.udpSessions.Add(-1) // the room taken goes back
+		return nil
+	}
+	if !l.add(s, unix.EPOLLIN, func(slot, _ int32) { s.slot = slot }, s.fd) {
+		unix.Close(s.fd)
+		u.set.udpSessions.Add(-1)
+		return nil
+	}
+	s.last = l.now
+	u.mu.Lock()
+	u.sessions[client] = s
+	s.elem = u.lru.PushBack(s)
+	u.mu.Unlock()
+	u.m.ok.Inc()
+	u.m.active.Inc()
+	return s
+}
+
+// dialSession opens the socket of a new session to an endpoint, the next
+// one if that fails, or returns nil.
+func (u *udpSocket) dialSession(client netip.AddrPort, local netip.Addr) *udpSession {
 	choice := u.bal.Pick(client.Addr())
 	if choice.Len() == 0 {
 		u.m.noEndpoints.Inc()
 		return nil
 	}
-	var backend *net.UDPConn
-	var ep netip.AddrPort
 	for attempt := range choice.Len() {
-		ep = choice.Endpoint(attempt)
+		ep := choice.Endpoint(attempt)
 		c, err := u.set.dialFrom(u.set.ctx, u.log, "udp", client, ep, 0)
 		if attempt > 0 {
 			u.m.dialRetries.Inc()
 		}
+		var fd int
 		if err == nil {
-			backend = c.(*net.UDPConn)
-			break
+			fd, err = detachFD(c.(*net.UDPConn))
 		}
-		u.m.dialErrors.Inc()
-		u.log.WithError(err).WithField("endpoint", ep).Debug("UDP connect failed; trying the next endpoint")
+		if err != nil {
+			u.m.dialErrors.Inc()
+			u.log.WithError(err).WithField("endpoint", ep).Debug("UDP connect failed; trying the next endpoint")
+			continue
+		}
+		if ep != choice.Endpoint(0) {
+			u.bal.Connected(client.Addr(), ep)
+		}
+		s := &udpSession{u: u, client: client, local: local, endpoint: ep, fd: fd}
+		if local.IsValid() {
+			s.oob = u.dst.source(local)
+		}
+		s.prepareReply()
+		return s
 	}
-	if backend == nil {
-		u.m.dialError.Inc()
-		return nil
-	}
-	if ep != choice.Endpoint(0) {
-		u.bal.Connected(client.Addr(), ep)
-	}
-	s = &udpSession{client: client, local: local, endpoint: ep, backend: backend}
-	if local.IsValid() {
-		s.oob = u.dst.source(local)
-	}
-	s.touch()
-	u.mu.Lock()
-	defer u.mu.Unlock()
-	if u.closed {
-		backend.Close()
-		return nil
-	}
-	made = true
-	u.sessions[client] = s
-	s.elem = u.lru.PushBack(s)
-	u.m.ok.Inc()
-	u.m.active.Inc()
-	u.set.goroutine(func() {
-		defer u.m.active.Dec()
-		u.replies(s)
-	})
-	return s
+	u.m.dialError.Inc()
+	return nil
 }
 
-// end removes s if it is still client's session, and closes it.
-func (u *udpSocket) end(s *udpSession) {
-	u.mu.Lock()
-	defer u.mu.Unlock()
+// prepareReply builds the sendmsg header every reply of the session uses.
+func (s *udpSession) prepareReply() {
+	ip := s.client.Addr()
+	if ip.Is4() && !s.u.bound.Addr().Is6() {
+		sa := (*unix.RawSockaddrInet4)(unsafe.Pointer(&s.to))
+		sa.Family = unix.AF_INET
+		sa.Addr = ip.As4()
+		binary.BigEndian.PutUint16((*[2]byte)(unsafe.Pointer(&sa.Port))[:], s.client.Port())
+		s.reply.Namelen = unix.SizeofSockaddrInet4
+	} else {
+		sa := (*unix.RawSockaddrInet6)(unsafe.Pointer(&s.to))
+		sa.Family = unix.AF_INET6
+		sa.Addr = netip.AddrFrom16(ip.As16()).As16()
+		binary.BigEndian.PutUint16((*[2]byte)(unsafe.Pointer(&sa.Port))[:], s.client.Port())
+		s.reply.Namelen = unix.SizeofSockaddrInet6
+	}
+	s.reply.Name = (*byte)(unsafe.Pointer(&s.to))
+	if len(s.oob) > 0 {
+		s.reply.Control = &s.oob[0]
+		s.reply.SetControllen(len(s.oob))
+	}
+}
+
+// event: the endpoint's replies are waiting on the session's socket.
+func (s *udpSession) event(l *loop, _ int, _ uint32) { s.relay(l) }
+
+func (s *udpSession) resume(l *loop) {
+	s.queued = false
+	s.relay(l)
+}
+
+// tick ends the session once it has been idle for the UDP timeout.
+func (s *udpSession) tick(l *loop) {
+	if s.elem != nil && l.now.Sub(s.last) >= s.u.set.cfg.udpTimeout() {
+		s.u.m.expired.Inc()
+		s.u.remove(l, s)
+	}
+}
+
+func (s *udpSession) stop(l *loop) {
 	if s.elem != nil {
-		u.remove(s)
+		s.u.remove(l, s)
 	}
 }
 
-// replies carries the endpoint's datagrams back to the client until the
-// session has been idle for the UDP timeout or its socket is closed. While
-// it waits it holds no buffer: it parks in the runtime's poller until the
-// socket is readable, and only then borrows one (see relay).
-func (u *udpSocket) replies(s *udpSession) {
-	defer u.end(s)
-	timeout := u.set.cfg.udpTimeout()
-	rc, err := s.backend.SyscallConn()
-	if err != nil {
-		return
-	}
-	// The read deadline is moved only when it fires, not for every
-	// datagram: it costs a timer update, and most sessions are busy.
-	s.backend.SetReadDeadline(time.Unix(0, s.last.Load()).Add(timeout))
-	for {
-		var relayErr error
-		err := rc.Read(func(fd uintptr) bool {
-			relayErr = u.relay(s, int(fd))
-			return relayErr != nil // nil: drained, wait for more
-		})
-		if errors.Is(err, os.ErrDeadlineExceeded) {
-			last := time.Unix(0, s.last.Load())
-			if time.Since(last) < timeout {
-				s.backend.SetReadDeadline(last.Add(timeout))
-				continue // the client sent something meanwhile
-			}
-			u.m.expired.Inc()
+// relay sends the datagrams waiting on the session's socket to the client,
+// from the service socket. An error reading (ECONNREFUSED: the endpoint
+// answered with ICMP port unreachable) ends the session; the next datagram
+// from the client starts a new one.
+func (s *udpSession) relay(l *loop) {
+	buf := l.udp.bufs[0][:]
+	for range fairShare {
+		if s.elem == nil {
 			return
 		}
-		if err != nil || relayErr != nil {
-			// Closed by an update, an eviction or close, or
-			// ECONNREFUSED: the endpoint answered with ICMP port
-			// unreachable. Either way the next datagram from the
-			// client starts a new session.
-			return
-		}
-	}
-}
-
-// relay sends every datagram waiting on the session's socket fd to the
-// client, through one pooled buffer, and returns nil once the socket is
-// drained, or the error that ends the session.
-func (u *udpSocket) relay(s *udpSession, fd int) error {
-	bp := replyBuffers.Get().(*[]byte)
-	defer replyBuffers.Put(bp)
-	buf := *bp
-	for {
-		n, err := unix.Read(fd, buf)
+		n, err := rawRW(unix.SYS_READ, s.fd, buf)
 		switch {
 		case err == unix.EAGAIN:
-			return nil
-		case err == unix.EINTR:
-			continue
+			return
 		case err != nil:
-			return err
+			s.u.remove(l, s)
+			return
 		}
-		s.touch()
-		u.m.fromBackend.Add(float64(n))
-		if _, _, err := u.pc.WriteMsgUDPAddrPort(buf[:n], s.oob, s.client); err != nil {
-			if errors.Is(err, net.ErrClosed) {
-				return err
-			}
-			u.log.WithError(err).WithField("client", s.client).Debug("UDP reply not delivered")
+		s.last = l.now
+		s.u.m.fromBackend.Add(float64(n))
+		iov := unix.Iovec{Base: &buf[0]}
+		iov.SetLen(n)
+		s.reply.Iov = &iov
+		s.reply.SetIovlen(1)
+		if err := rawSendmsg(s.u.fd, &s.reply); err != nil && err != unix.EAGAIN {
+			s.u.log.WithError(err).WithField("client", s.client).Debug("UDP reply not delivered")
 		}
+		s.reply.Iov = nil
 	}
+	l.queue(s, &s.queued)
+}
+
+// detachFD returns a descriptor of c's socket that the Go runtime does
+// not know, and closes c (see newTCPConn).
+func detachFD(c syscall.Conn) (int, error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return -1, err
+	}
+	fd, derr := -1, error(nil)
+	if err := rc.Control(func(s uintptr) { fd, derr = unix.FcntlInt(s, unix.F_DUPFD_CLOEXEC, 0) }); err != nil {
+		return -1, err
+	}
+	if derr != nil {
+		return -1, fmt.Errorf("duplicate a socket: %w", derr)
+	}
+	c.(io.Closer).Close() // the socket stays open through fd
+	return fd, nil
 }
