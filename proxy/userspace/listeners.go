@@ -652,15 +652,16 @@ func (ls *Listeners) goroutine(f func()) {
 	}()
 }
 
-// track hands a proxied TCP connection to a loop, and records it, so that
-// Close can end it. It reports false when the set is closing.
-func (ls *Listeners) track(c *tcpConn) bool {
+// track hands a proxied TCP connection to loop l (its listener's), and
+// records it, so that Close can end it. It reports false when the set is
+// closing.
+func (ls *Listeners) track(c *tcpConn, l *loop) bool {
 	ls.connMu.Lock()
 	defer ls.connMu.Unlock()
 	if ls.noConns {
 		return false
 	}
-	if !c.carry(ls.loop()) {
+	if !c.carry(l) {
 		return false
 	}
 	ls.conns[c] = struct{}{}

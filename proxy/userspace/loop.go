@@ -79,6 +79,8 @@ type loop struct {
 	stopped  bool
 	stopping bool // set by the stop command, on the loop's goroutine
 
+	dialing []*tcpConn // connections whose dial is under way, for their deadlines; guarded by mu
+
 	now   time.Time // when epoll_wait last returned
 	again []entry   // stopped by their fair share with more to move: served again before the next wait
 	udp   udpBatch  // the buffers UDP datagrams are read into, one socket at a time
@@ -215,7 +217,11 @@ func (l *loop) run() {
 	l.now = time.Now()
 	nextTick := l.now.Add(l.tick)
 	for {
-		timeout := int(max(0, nextTick.Sub(l.now).Milliseconds()+1))
+		wake := nextTick
+		if d := l.dials(); d.Before(wake) {
+			wake = d
+		}
+		timeout := int(max(0, wake.Sub(l.now).Milliseconds()+1))
 		if len(l.again) > 0 {
 			timeout = 0 // only collect what is ready meanwhile
 		}
@@ -244,6 +250,74 @@ func (l *loop) run() {
 			l.ticks()
 			nextTick = l.now.Add(l.tick)
 		}
+	}
+}
+
+// dials gives up the dial attempts past their deadline, going on to the
+// next endpoint, and returns the next deadline (or a time far off).
+func (l *loop) dials() time.Time {
+	l.mu.Lock()
+	live := l.dialing[:0]
+	var late []*tcpConn
+	next := l.now.Add(time.Hour)
+	for _, c := range l.dialing {
+		switch {
+		case c.ended || !c.connecting:
+			continue // done: off the list
+		case !l.now.Before(c.dialDeadline):
+			late = append(late, c)
+		default:
+			if c.dialDeadline.Before(next) {
+				next = c.dialDeadline
+			}
+		}
+		live = append(live, c)
+	}
+	clear(l.dialing[len(live):])
+	l.dialing = live
+	l.mu.Unlock()
+	for _, c := range late {
+		c.dialFailed(c.endpoint, errDialTimeout)
+		l.redial(c)
+		if c.connecting && !c.ended && c.dialDeadline.Before(next) {
+			next = c.dialDeadline
+		}
+	}
+	return next
+}
+
+// errDialTimeout is a dial attempt that outlived its timeout.
+var errDialTimeout = errors.New("i/o timeout")
+
+// connectDone handles the end of c's dial attempt, which epoll reports as
+// the socket becoming writable (or failing).
+func (l *loop) connectDone(c *tcpConn) {
+	errno, err := unix.GetsockoptInt(c.fds[fromBackend], unix.SOL_SOCKET, unix.SO_ERROR)
+	switch {
+	case err != nil:
+		c.dialFailed(c.endpoint, err)
+	case errno != 0:
+		c.dialFailed(c.endpoint, unix.Errno(errno))
+	default:
+		c.connected()
+		return
+	}
+	l.redial(c)
+}
+
+// redial starts c's next dial attempt, or resets the client when none is
+// left.
+func (l *loop) redial(c *tcpConn) {
+	c.redialAt = l.now
+	if !c.dialNext(l.now) {
+		c.dropped()
+		l.end(c, true)
+		return
+	}
+	ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLOUT | unix.EPOLLRDHUP | unix.EPOLLET, Fd: key(c.slot, fromBackend), Pad: c.gen}
+	if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_ADD, c.fds[fromBackend], &ev); err != nil {
+		c.dialFailed(c.endpoint, err)
+		l.redial(c)
 	}
 }
 
@@ -323,6 +397,17 @@ func (l *loop) queue(e entry, queued *bool) {
 // event: epoll's news of one socket of the connection. Both directions
 // may move now: one reads this socket, the other writes it.
 func (c *tcpConn) event(l *loop, side int, events uint32) {
+	if c.connecting && side == fromBackend {
+		if c.redialAt == l.now {
+			// Harvested before this attempt's socket existed: the
+			// news of the one it replaced.
+			return
+		}
+		l.connectDone(c)
+		if c.connecting || c.ended {
+			return // the next attempt is under way, or none was left
+		}
+	}
 	if events&(unix.EPOLLIN|unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
 		c.canRead[side] = true
 	}
@@ -354,6 +439,9 @@ func (c *tcpConn) stop(l *loop) { l.end(c, true) }
 // read earlier and not yet written, then new bytes as long as its source
 // has some and its destination takes them.
 func (l *loop) pump(c *tcpConn, d int) {
+	if c.connecting {
+		return // the client's bytes wait in its socket until the pod's is connected
+	}
 	f := &c.dirs[d]
 	src, dst := c.fds[d], c.fds[1-d]
 	for reads := 0; !c.ended && !f.finished; {
@@ -426,14 +514,17 @@ func (l *loop) end(c *tcpConn, reset bool) {
 	}
 	c.ended = true
 	for side, fd := range c.fds {
-		if reset {
-			unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1, Linger: 0})
+		switch {
+		case fd < 0:
+		case reset:
+			resetClose(fd) // which takes it out of the epoll set too
+		default:
+			unix.Close(fd)
 		}
-		unix.Close(fd) // which takes it out of the epoll set too
 		c.dirs[side].drop(l.pipes)
 	}
 	l.remove(c.slot)
-	c.done(c.dirs[toBackend].moved, c.dirs[fromBackend].moved)
+	c.over(c.dirs[toBackend].moved, c.dirs[fromBackend].moved)
 }
 
 // flow is one direction of a connection: bytes read from its source

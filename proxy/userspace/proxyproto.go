@@ -2,7 +2,6 @@ package userspace
 
 import (
 	"encoding/binary"
-	"fmt"
 	"net"
 	"net/netip"
 
@@ -24,50 +23,43 @@ import (
 // ip6_tables.h), which x/sys/unix does not name; the IPv4 one is 80 too.
 const ip6tSOOriginalDst = 80
 
-// sendProxyHeader writes the PROXY v2 header for client's connection to
-// backend.
-func sendProxyHeader(client, backend *net.TCPConn) error {
-	dst := originalDestination(client)
-	h := proxyproto.HeaderProxyFromAddrs(2, client.RemoteAddr(), net.TCPAddrFromAddrPort(dst))
-	if _, err := h.WriteTo(backend); err != nil {
-		return fmt.Errorf("send the PROXY protocol header: %w", err)
+// proxyHeader is the PROXY v2 header for the client connection on socket
+// fd, from client.
+func proxyHeader(fd int, client netip.AddrPort) []byte {
+	h := proxyproto.HeaderProxyFromAddrs(2, net.TCPAddrFromAddrPort(client), net.TCPAddrFromAddrPort(originalDestination(fd)))
+	b, err := h.Format()
+	if err != nil {
+		return nil // cannot happen for TCP addresses
 	}
-	return nil
+	return b
 }
 
-// originalDestination is the address client connected to before our rule
-// redirected it (the ClusterIP, the node's address and NodePort, ...), as
-// conntrack kept it (SO_ORIGINAL_DST). Without a redirect (bind mode) the
-// connection's own local address is that address.
-func originalDestination(c *net.TCPConn) netip.AddrPort {
-	local := c.LocalAddr().(*net.TCPAddr).AddrPort()
-	raw, err := c.SyscallConn()
-	if err != nil {
-		return local
+// originalDestination is the address the client on socket fd connected to
+// before our rule redirected it (the ClusterIP, the node's address and
+// NodePort, ...), as conntrack kept it (SO_ORIGINAL_DST). Without a
+// redirect (bind mode) the socket's own local address is that address.
+func originalDestination(fd int) netip.AddrPort {
+	var local netip.AddrPort
+	if sa, err := unix.Getsockname(fd); err == nil {
+		local = addrPortOf(sa)
 	}
-	var dst netip.AddrPort
-	raw.Control(func(fd uintptr) {
-		if local.Addr().Unmap().Is4() {
-			// struct sockaddr_in, read through a type of its size or more.
-			m, err := unix.GetsockoptIPv6Mreq(int(fd), unix.IPPROTO_IP, unix.SO_ORIGINAL_DST)
-			if err == nil {
-				port := binary.BigEndian.Uint16(m.Multiaddr[2:4])
-				dst = netip.AddrPortFrom(netip.AddrFrom4([4]byte(m.Multiaddr[4:8])), port)
-			}
-			return
-		}
-		// struct sockaddr_in6, likewise.
-		info, err := unix.GetsockoptIPv6MTUInfo(int(fd), unix.IPPROTO_IPV6, ip6tSOOriginalDst)
+	if local.Addr().Is4() {
+		// struct sockaddr_in, read through a type of its size or more.
+		m, err := unix.GetsockoptIPv6Mreq(fd, unix.IPPROTO_IP, unix.SO_ORIGINAL_DST)
 		if err == nil {
-			// The port is in network order in memory.
-			var b [2]byte
-			binary.NativeEndian.PutUint16(b[:], info.Addr.Port)
-			port := binary.BigEndian.Uint16(b[:])
-			dst = netip.AddrPortFrom(netip.AddrFrom16(info.Addr.Addr), port)
+			port := binary.BigEndian.Uint16(m.Multiaddr[2:4])
+			return netip.AddrPortFrom(netip.AddrFrom4([4]byte(m.Multiaddr[4:8])), port)
 		}
-	})
-	if !dst.IsValid() {
 		return local
 	}
-	return dst
+	// struct sockaddr_in6, likewise.
+	info, err := unix.GetsockoptIPv6MTUInfo(fd, unix.IPPROTO_IPV6, ip6tSOOriginalDst)
+	if err == nil {
+		// The port is in network order in memory.
+		var b [2]byte
+		binary.NativeEndian.PutUint16(b[:], info.Addr.Port)
+		port := binary.BigEndian.Uint16(b[:])
+		return netip.AddrPortFrom(netip.AddrFrom16(info.Addr.Addr), port)
+	}
+	return local
 }

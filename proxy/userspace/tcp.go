@@ -3,6 +3,7 @@ package userspace
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
 	"time"
@@ -23,10 +24,20 @@ import (
 var keepAlive = net.KeepAliveConfig{Enable: true, Idle: -1, Interval: -1, Count: -1}
 
 // tcpSocket accepts the connections for one TCP service port at one
-// address.
+// address. Its listening socket is carried by a loop, which accepts, starts
+// the dial to the pod and carries the connection, all on its own thread:
+// a new connection costs no goroutine and no hand-off between threads.
 type tcpSocket struct {
-	l  *portListener
-	ln *net.TCPListener
+	l      *portListener
+	fd     int
+	bound  netip.AddrPort
+	loop   *loop
+	slot   int32
+	closed bool
+
+	queued       bool      // on the loop's again list
+	failures     int       // accept failures in a row
+	backoffUntil time.Time // accepting paused after a failure (EMFILE...) until then
 }
 
 func (l *portListener) listenTCP(addr netip.AddrPort) (socket, error) {
@@ -34,139 +45,204 @@ func (l *portListener) listenTCP(addr netip.AddrPort) (socket, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &tcpSocket{l: l, ln: ln.(*net.TCPListener)}
-	l.set.goroutine(s.serve)
+	bound := ln.Addr().(*net.TCPAddr).AddrPort()
+	fd, err := detachFD(ln.(*net.TCPListener))
+	if err != nil {
+		return nil, err
+	}
+	s := &tcpSocket{l: l, fd: fd, bound: bound, loop: l.set.loop()}
+	if !s.loop.add(s, unix.EPOLLIN, func(slot, _ int32) { s.slot = slot }, fd) {
+		unix.Close(fd)
+		return nil, errors.New("listeners are closed")
+	}
 	return s, nil
 }
 
-func (s *tcpSocket) addr() netip.AddrPort { return s.ln.Addr().(*net.TCPAddr).AddrPort() }
-func (s *tcpSocket) close()               { s.ln.Close() }
+func (s *tcpSocket) addr() netip.AddrPort { return s.bound }
 func (s *tcpSocket) endpointsChanged()    {} // connections stay with their endpoint
 
-// serve is the accept loop. It never waits for a dial: each connection gets
-// a goroutine of its own at once (the legacy proxier dialed in this loop, so
-// one dead pod stalled every client of the Service for up to 3.75s).
-func (s *tcpSocket) serve() {
-	failures := 0
-	for {
-		c, err := s.ln.AcceptTCP()
-		if errors.Is(err, net.ErrClosed) {
-			return
-		}
-		if err != nil {
-			// EMFILE and friends: back off and try again instead of
-			// crashing the node's Service traffic as upstream did.
-			s.l.set.logListenErr.Log(s.l.log.WithError(err), func(e *logrus.Entry) { e.Warn("Accept failed; backing off") })
-			s.l.m.acceptErrs.Inc()
-			time.Sleep(backoff.Accept(failures))
-			failures++
-			continue
-		}
-		failures = 0
-		if !s.l.set.admitTCP(s.l) {
-			// Over --tcp-max-connections (the node's or this port's
-			// share): refuse with a reset at once, holding nothing.
-			s.l.m.overLimit.Inc()
-			c.SetLinger(0)
-			c.Close()
-			continue
-		}
-		s.l.set.goroutine(func() {
-			if !s.l.handle(c) {
-				s.l.set.releaseTCP(s.l)
-			}
-		})
+// close stops accepting, and returns once the socket is closed, so that its
+// address can be bound again at once (bind mode).
+func (s *tcpSocket) close() { s.loop.do(func(l *loop) { s.stop(l) }) }
+
+func (s *tcpSocket) stop(l *loop) {
+	if !s.closed {
+		s.closed = true
+		unix.Close(s.fd)
+		l.remove(s.slot)
 	}
 }
 
-// handle proxies one accepted client connection: choose an endpoint, dial it
-// (the next endpoint on failure), then hand both sockets to a loop, which
-// copies bytes both ways. It reports whether the connection was handed
-// over; if so, its place under the connection bounds is given back when it
-// ends, else the caller gives it back.
-func (l *portListener) handle(client *net.TCPConn) bool {
-	clientIP := client.RemoteAddr().(*net.TCPAddr).AddrPort().Addr().Unmap()
-	choice := l.bal.Pick(clientIP)
+func (s *tcpSocket) event(l *loop, _ int, _ uint32) { s.accept(l) }
+
+func (s *tcpSocket) resume(l *loop) {
+	s.queued = false
+	s.accept(l)
+}
+
+// tick resumes accepting after a failure's backoff.
+func (s *tcpSocket) tick(l *loop) {
+	if !s.backoffUntil.IsZero() && !l.now.Before(s.backoffUntil) {
+		s.backoffUntil = time.Time{}
+		s.accept(l)
+	}
+}
+
+// accept takes the connections waiting on the listening socket, a fair
+// share at a time. It never waits for a dial: it starts the connection to
+// the pod and the loop finishes it (the legacy proxier dialed in its
+// accept loop, so one dead pod stalled every client of the Service for up
+// to 3.75s).
+func (s *tcpSocket) accept(l *loop) {
+	for range fairShare {
+		if s.closed || !s.backoffUntil.IsZero() {
+			return
+		}
+		fd, sa, err := unix.Accept4(s.fd, unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC)
+		switch {
+		case err == unix.EAGAIN:
+			return
+		case err == unix.EINTR || err == unix.ECONNABORTED:
+			continue // the client gave up before we got to it
+		case err != nil:
+			// EMFILE and friends: pause and try again (at the next
+			// tick past the backoff) instead of crashing the node's
+			// Service traffic as upstream did.
+			s.l.set.logListenErr.Log(s.l.log.WithError(&net.OpError{Op: "accept", Net: "tcp", Addr: net.TCPAddrFromAddrPort(s.bound), Err: err}), func(e *logrus.Entry) { e.Warn("Accept failed; backing off") })
+			s.l.m.acceptErrs.Inc()
+			s.backoffUntil = l.now.Add(backoff.Accept(s.failures))
+			s.failures++
+			return
+		}
+		s.failures = 0
+		client := addrPortOf(sa)
+		setStreamOptions(fd)
+		s.l.accepted(l, fd, client)
+	}
+	l.queue(s, &s.queued)
+}
+
+// accepted starts proxying the client connection on socket fd: choose an
+// endpoint, start dialing it, and hand both sockets to a loop, which
+// finishes the dial (the next endpoint on failure) and then copies bytes
+// both ways.
+func (l *portListener) accepted(lp *loop, fd int, client netip.AddrPort) {
+	if !l.set.admitTCP(l) {
+		// Over --tcp-max-connections (the node's or this port's
+		// share): refuse with a reset at once, holding nothing.
+		l.m.overLimit.Inc()
+		resetClose(fd)
+		return
+	}
+	choice := l.bal.Pick(client.Addr())
 	if choice.Len() == 0 {
-		// No endpoint: refuse at once. A zero linger makes Close send a
-		// RST, so the client sees "connection reset" before any data
-		// instead of waiting on a connection that will never answer.
-		client.SetLinger(0)
-		client.Close()
+		// No endpoint: refuse at once. A zero linger makes the close
+		// send a RST, so the client sees "connection reset" before any
+		// data instead of waiting on a connection that will never
+		// answer.
 		l.m.noEndpoints.Inc()
-		l.log.WithField("client", client.RemoteAddr()).Debug("Refused connection: service has no endpoints")
-		return false
+		l.log.WithField("client", client).Debug("Refused connection: service has no endpoints")
+		resetClose(fd)
+		l.set.releaseTCP(l)
+		return
 	}
-	backend, endpoint, err := l.dial(l.set.ctx, choice, client.RemoteAddr().(*net.TCPAddr).AddrPort())
-	if err != nil {
-		client.SetLinger(0)
-		client.Close()
-		l.m.dialError.Inc()
-		l.set.logDropped.Log(l.log.WithError(err).WithField("client", client.RemoteAddr()), func(e *logrus.Entry) {
-			e.Warn("Dropped connection: no endpoint answered")
-		})
-		return false
-	}
+	c := &tcpConn{fds: [2]int{fd, -1}, l: l, client: client, choice: choice, attempt: -1,
+		idleTimeout: l.set.cfg.TCPIdleTimeout, halfCloseTimeout: l.set.cfg.halfCloseTimeout(), active: time.Now()}
 	if l.proxyProtocol.Load() {
-		if err := sendProxyHeader(client, backend); err != nil {
-			for _, c := range []*net.TCPConn{client, backend} {
-				c.SetLinger(0)
-				c.Close()
-			}
-			l.m.dialError.Inc()
-			l.log.WithError(err).WithField("endpoint", endpoint).Debug("Dropped connection")
+		c.header = proxyHeader(fd, client)
+	}
+	if !c.dialNext(time.Now()) {
+		c.dropped()
+		resetClose(fd)
+		l.set.releaseTCP(l)
+		return
+	}
+	if !l.set.track(c, lp) {
+		c.close() // the set is closing
+		l.set.releaseTCP(l)
+	}
+}
+
+// dialNext starts the next dial attempt of c, closing the socket of the
+// one before: attempt i goes to the choice's endpoint i, with timeout i of
+// Config.DialTimeouts. An attempt that fails at once is followed by the
+// next. It reports false when no attempt is left.
+func (c *tcpConn) dialNext(now time.Time) bool {
+	l := c.l
+	timeouts := l.set.cfg.dialTimeouts()
+	for {
+		if c.fds[fromBackend] >= 0 {
+			unix.Close(c.fds[fromBackend])
+			c.fds[fromBackend] = -1
+		}
+		c.attempt++
+		if c.attempt >= len(timeouts) {
 			return false
 		}
+		if c.attempt > 0 {
+			l.m.dialRetries.Inc()
+		}
+		ep := c.choice.Endpoint(c.attempt)
+		fd, err := l.set.connectFrom(l.log, c.client, ep)
+		if err != nil {
+			c.dialFailed(ep, err)
+			continue
+		}
+		c.fds[fromBackend] = fd
+		c.endpoint = ep
+		c.dialDeadline = now.Add(timeouts[c.attempt])
+		c.connecting = true
+		return true
 	}
-	if endpoint != choice.Endpoint(0) {
-		l.bal.Connected(clientIP, endpoint)
+}
+
+// dialFailed counts and logs one failed attempt.
+func (c *tcpConn) dialFailed(ep netip.AddrPort, err error) {
+	c.l.m.dialErrors.Inc()
+	c.errs = append(c.errs, fmt.Errorf("dial tcp %s: %w", ep, err))
+	c.l.log.WithError(err).WithField("endpoint", ep).Debug("Dial failed; trying the next endpoint")
+}
+
+// dropped counts and logs a connection no endpoint answered.
+func (c *tcpConn) dropped() {
+	c.l.m.dialError.Inc()
+	c.l.set.logDropped.Log(c.l.log.WithError(errors.Join(c.errs...)).WithField("client", c.client), func(e *logrus.Entry) {
+		e.Warn("Dropped connection: no endpoint answered")
+	})
+}
+
+// connected is called on the loop when the dial of c has succeeded: the
+// connection starts, with the PROXY header first if the Service asks.
+func (c *tcpConn) connected() {
+	c.connecting = false
+	c.errs = nil
+	l := c.l
+	setStreamOptions(c.fds[fromBackend])
+	if c.attempt > 0 {
+		l.bal.Connected(c.client.Addr(), c.endpoint)
 	}
-	var conn *tcpConn // for its end, which comes once the loop has it
-	conn, err = newTCPConn(client, backend, l.set.cfg.TCPIdleTimeout, l.set.cfg.halfCloseTimeout(), func(up, down int64) {
+	if len(c.header) > 0 {
+		f := &c.dirs[toBackend]
+		f.buf = buffers.Get().(*[bufSize]byte)
+		f.start, f.end = 0, copy(f.buf[:], c.header)
+		c.header = nil
+	}
+	c.counted = true
+	l.m.ok.Inc()
+	l.m.active.Inc()
+}
+
+// over is called on the loop when c has ended: it gives back c's place
+// under the bounds and counts what it carried.
+func (c *tcpConn) over(up, down int64) {
+	l := c.l
+	if c.counted {
 		l.m.active.Dec()
 		l.m.toBackend.Add(float64(up))
 		l.m.fromBackend.Add(float64(down))
-		l.set.untrack(conn)
-		l.set.releaseTCP(l)
-	})
-	if err != nil {
-		client.Close()
-		backend.Close()
-		l.log.WithError(err).WithField("endpoint", endpoint).Debug("Dropped connection")
-		return false // a socket closed under us, or out of descriptors
 	}
-	l.m.ok.Inc()
-	l.m.active.Inc()
-	if !l.set.track(conn) {
-		conn.close() // the set is closing
-		l.m.active.Dec()
-		return false
-	}
-	return true
-}
-
-// dial tries the endpoints of choice in order, one per timeout of
-// Config.DialTimeouts, and returns the first connection that succeeds. It
-// dials from the node, or from client's address (see dialFrom).
-func (l *portListener) dial(ctx context.Context, choice balancer.Choice, client netip.AddrPort) (*net.TCPConn, netip.AddrPort, error) {
-	var errs []error
-	for attempt, timeout := range l.set.cfg.dialTimeouts() {
-		ep := choice.Endpoint(attempt)
-		c, err := l.set.dialFrom(ctx, l.log, "tcp", client, ep, timeout)
-		if attempt > 0 {
-			l.m.dialRetries.Inc()
-		}
-		if err == nil {
-			return c.(*net.TCPConn), ep, nil
-		}
-		l.m.dialErrors.Inc()
-		errs = append(errs, err)
-		l.log.WithError(err).WithField("endpoint", ep).Debug("Dial failed; trying the next endpoint")
-		if ctx.Err() != nil {
-			break
-		}
-	}
-	return nil, netip.AddrPort{}, errors.Join(errs...)
+	l.set.untrack(c)
+	l.set.releaseTCP(l)
 }
 
 // The two directions of a proxied connection. Direction d reads from
@@ -180,7 +256,8 @@ const (
 // opened to the pod, carried by a loop (loop.go), which alone touches its
 // sockets and state once it has been added.
 type tcpConn struct {
-	fds               [2]int  // [toBackend] the client's, [fromBackend] the backend's
+	l                 *portListener
+	fds               [2]int  // [toBackend] the client's, [fromBackend] the backend's (-1 between dial attempts)
 	dirs              [2]flow // [d] direction d
 	canRead, canWrite [2]bool // by socket: epoll said so, and no call has found it empty since
 	drain             [2]bool // by socket: its peer has shut its side: read to EOF
@@ -190,36 +267,55 @@ type tcpConn struct {
 	ended             bool
 	queued            bool // on its loop's again list
 	loop              *loop
-	slot              int32                // its place in the loop
-	done              func(up, down int64) // called by the loop once it has ended
-}
+	slot, gen         int32 // its place in the loop, and which use of that place
 
-// newTCPConn takes the sockets of client and backend away from the Go
-// runtime, to be carried by a loop: each is duplicated and the original
-// closed, which also takes it out of the runtime's poller, so that the
-// runtime never wakes for them again. done is called when the connection
-// has ended.
-func newTCPConn(client, backend *net.TCPConn, idle, halfClose time.Duration, done func(up, down int64)) (*tcpConn, error) {
-	c := &tcpConn{idleTimeout: idle, halfCloseTimeout: halfClose, active: time.Now(), done: done}
-	for side, s := range []*net.TCPConn{client, backend} {
-		fd, err := detachFD(s)
-		if err != nil {
-			if side == fromBackend {
-				unix.Close(c.fds[toBackend])
-			}
-			return nil, err
-		}
-		c.fds[side] = fd
-	}
-	return c, nil
+	// The dial, until connected.
+	client       netip.AddrPort
+	choice       balancer.Choice
+	attempt      int // the dial attempt under way, an index into Config.DialTimeouts
+	endpoint     netip.AddrPort
+	connecting   bool
+	dialDeadline time.Time
+	redialAt     time.Time // when the loop started the attempt under way
+	header       []byte    // the PROXY header to send first, if the Service asks
+	errs         []error   // of the failed attempts, for the log
+	counted      bool      // connected: counted as active
 }
 
 // close closes a connection that no loop carries, with a reset.
 func (c *tcpConn) close() {
 	for _, fd := range c.fds {
-		unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1, Linger: 0})
-		unix.Close(fd)
+		if fd >= 0 {
+			resetClose(fd)
+		}
 	}
+}
+
+// resetClose closes socket fd with a reset (SO_LINGER 0): its peer sees
+// ECONNRESET and whatever was unsent is dropped.
+func resetClose(fd int) {
+	unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1, Linger: 0})
+	unix.Close(fd)
+}
+
+// setStreamOptions sets what every proxied socket needs: TCP_NODELAY, so
+// that a small message is forwarded at once (Nagle would hold it for the
+// ACK of the last), and SO_KEEPALIVE at the kernel's timings (see
+// keepAlive).
+func setStreamOptions(fd int) {
+	unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
+	unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1)
+}
+
+// addrPortOf is the address and port of a socket address.
+func addrPortOf(sa unix.Sockaddr) netip.AddrPort {
+	switch sa := sa.(type) {
+	case *unix.SockaddrInet4:
+		return netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), uint16(sa.Port))
+	case *unix.SockaddrInet6:
+		return netip.AddrPortFrom(netip.AddrFrom16(sa.Addr).Unmap(), uint16(sa.Port))
+	}
+	return netip.AddrPort{}
 }
 
 // expired reports whether c has been idle too long at now: no byte moved
@@ -230,8 +326,7 @@ func (c *tcpConn) expired(now time.Time) bool {
 	if c.dirs[toBackend].finished || c.dirs[fromBackend].finished {
 		period = c.halfCloseTimeout
 	}
-	failed := c.dirs[toBackend].failed || c.dirs[fromBackend].failed
-	return failed || period > 0 && now.Sub(c.active) >= period
+	return !c.connecting && period > 0 && now.Sub(c.active) >= period
 }
 
 // abort asks c's loop to reset both its sockets, from any goroutine: each
@@ -240,8 +335,12 @@ func (c *tcpConn) abort() {
 	c.loop.post(func(l *loop) { l.end(c, true) })
 }
 
-// carry hands c to loop l. It reports false when l has stopped.
+// carry hands c, still dialing, to loop l. It reports false when l has
+// stopped.
 func (c *tcpConn) carry(l *loop) bool {
 	c.loop = l
-	return l.add(c, unix.EPOLLIN|unix.EPOLLOUT|unix.EPOLLRDHUP, func(slot, gen int32) { c.slot = slot }, c.fds[:]...)
+	return l.add(c, unix.EPOLLIN|unix.EPOLLOUT|unix.EPOLLRDHUP, func(slot, gen int32) {
+		c.slot, c.gen = slot, gen
+		l.dialing = append(l.dialing, c) // l.mu is held
+	}, c.fds[:]...)
 }

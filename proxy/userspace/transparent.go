@@ -147,6 +147,76 @@ func (ls *Listeners) dialFrom(ctx context.Context, log logrus.FieldLogger, netwo
 	return d.DialContext(ctx, network, endpoint.String())
 }
 
+// connectFrom starts a TCP connection to endpoint, from the client's
+// address when transparentSource says so, else from the node, on a
+// non-blocking socket of ours that the caller's loop sees finish (or
+// fail). The fallbacks and counts are dialFrom's.
+func (ls *Listeners) connectFrom(log logrus.FieldLogger, client, endpoint netip.AddrPort) (int, error) {
+	src, why := ls.transparentSource(client, endpoint)
+	if src.IsValid() {
+		fd, err := connectTCP(endpoint, src)
+		if isPortTaken(err) {
+			why = sourceOtherPort
+			fd, err = connectTCP(endpoint, netip.AddrPortFrom(src.Addr(), 0))
+		}
+		if err == nil || !isBindRefused(err) {
+			ls.cfg.Metrics.sourceIP.WithLabelValues("TCP", why).Inc()
+			return fd, err
+		}
+		why = sourceFailed
+		ls.logDropped.Log(log.WithError(err), func(e *logrus.Entry) {
+			e.Warn("Could not dial an endpoint from the client's address (--preserve-source-ip needs CAP_NET_ADMIN); dialing from the node")
+		})
+	}
+	if why != "" {
+		ls.cfg.Metrics.sourceIP.WithLabelValues("TCP", why).Inc()
+	}
+	return connectTCP(endpoint, netip.AddrPort{})
+}
+
+// connectTCP starts a non-blocking connect to endpoint, from src (with
+// IP_TRANSPARENT, as transparentDialer) if it is valid.
+func connectTCP(endpoint, src netip.AddrPort) (int, error) {
+	family := unix.AF_INET
+	if endpoint.Addr().Is6() {
+		family = unix.AF_INET6
+	}
+	fd, err := unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return -1, err
+	}
+	if src.IsValid() {
+		level, opt := unix.IPPROTO_IP, unix.IP_TRANSPARENT
+		if src.Addr().Is6() {
+			level, opt = unix.IPPROTO_IPV6, unix.IPV6_TRANSPARENT
+		}
+		err = unix.SetsockoptInt(fd, level, opt, 1)
+		if err == nil {
+			err = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1)
+		}
+		if err == nil {
+			err = unix.Bind(fd, sockaddrOf(src))
+		}
+		if err != nil {
+			unix.Close(fd)
+			return -1, err
+		}
+	}
+	if err := unix.Connect(fd, sockaddrOf(endpoint)); err != nil && err != unix.EINPROGRESS {
+		unix.Close(fd)
+		return -1, err
+	}
+	return fd, nil
+}
+
+// sockaddrOf is the socket address of ap.
+func sockaddrOf(ap netip.AddrPort) unix.Sockaddr {
+	if ap.Addr().Is4() {
+		return &unix.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().As4()}
+	}
+	return &unix.SockaddrInet6{Port: int(ap.Port()), Addr: ap.Addr().As16()}
+}
+
 // isPortTaken: the client's port is in use towards that endpoint already.
 func isPortTaken(err error) bool {
 	return errors.Is(err, unix.EADDRINUSE) || errors.Is(err, unix.EADDRNOTAVAIL)

@@ -65,10 +65,10 @@ type udpSession struct {
 	// reply is the sendmsg header of a reply to the client: its address,
 	// and the IP_PKTINFO / IPV6_PKTINFO control message that sends it
 	// from local.
-	reply   unix.Msghdr
-	to      unix.RawSockaddrAny
-	oob     []byte
-	queued  bool
+	reply  unix.Msghdr
+	to     unix.RawSockaddrAny
+	oob    []byte
+	queued bool
 }
 
 func (l *portListener) listenUDP(addr netip.AddrPort) (socket, error) {

@@ -287,3 +287,38 @@ func udpSessionClients(ls *Listeners, k service.Key) map[string]bool {
 	}
 	return out
 }
+
+// TestUDPBurstOfClients: datagrams from many clients at once, read by the
+// loop several to a system call, each reach their own session and each
+// reply goes back to the client that asked, with its own payload.
+func TestUDPBurstOfClients(t *testing.T) {
+	ls := newSet(t, Config{UDPTimeout: time.Minute})
+	addr := listen(t, ls, snap(t, udpPort(udpBackend(t, "a"), udpBackend(t, "b"))), udpPort().Key())
+	const clients = 64
+	var cs []net.Conn
+	for range clients {
+		cs = append(cs, dialUDP(t, addr))
+	}
+	for round := range 5 {
+		for i, c := range cs { // all sent before any is read
+			if _, err := fmt.Fprintf(c, "round %d client %d", round, i); err != nil {
+				t.Fatal(err)
+			}
+		}
+		for i, c := range cs {
+			c.SetReadDeadline(time.Now().Add(5 * time.Second))
+			buf := make([]byte, 100)
+			n, err := c.Read(buf)
+			if err != nil {
+				t.Fatalf("round %d: client %d had no reply: %v", round, i, err)
+			}
+			_, got, _ := bytes.Cut(buf[:n], []byte("\n"))
+			if want := fmt.Sprintf("round %d client %d", round, i); string(got) != want {
+				t.Fatalf("client %d was answered %q; want %q", i, got, want)
+			}
+		}
+	}
+	if got := udpSessions(ls, udpPort().Key()); got != clients {
+		t.Errorf("UDP sessions = %d, want %d", got, clients)
+	}
+}
