@@ -135,10 +135,10 @@ func newLoop(pipes *pipePool, tick time.Duration) (*loop, error) {
 }
 
 // add registers e, whose sockets are fds (side 0, side 1...), for events
-// (edge-triggered), and returns e's slot and generation. From the moment
-// it returns, the loop may call e. It reports false, having touched
-// nothing, when the loop has stopped; set is called first, under the
-// loop's lock, so e knows its slot before any event.
+// (edge-triggered). set is called first, under the loop's lock, with e's
+// slot and generation, so e knows them before any event; from the moment
+// add returns, the loop may call e. It reports false, having registered
+// nothing, when the loop has stopped or epoll refuses a socket.
 func (l *loop) add(e entry, events uint32, set func(slot, gen int32), fds ...int) bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -159,9 +159,12 @@ func (l *loop) add(e entry, events uint32, set func(slot, gen int32), fds ...int
 	for side, fd := range fds {
 		ev := unix.EpollEvent{Events: events | unix.EPOLLET, Fd: key(n, side), Pad: l.slots[n].gen}
 		if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_ADD, fd, &ev); err != nil {
-			// Cannot happen for a valid socket. The entry learns of it
-			// at its first tick.
-			l.cmds = append(l.cmds, func(l *loop) { e.stop(l) })
+			for _, added := range fds[:side] {
+				unix.EpollCtl(l.epfd, unix.EPOLL_CTL_DEL, added, nil)
+			}
+			l.slots[n].e = nil
+			l.free = append(l.free, n)
+			return false
 		}
 	}
 	return true
@@ -445,10 +448,6 @@ func (l *loop) pump(c *tcpConn, d int) {
 	f := &c.dirs[d]
 	src, dst := c.fds[d], c.fds[1-d]
 	for reads := 0; !c.ended && !f.finished; {
-		if f.failed {
-			l.end(c, true)
-			return
-		}
 		if f.start < f.end { // bytes waiting to go out
 			if !c.canWrite[1-d] {
 				return // epoll says when dst takes more
@@ -537,7 +536,6 @@ type flow struct {
 	bulk       bool           // the last read filled a buffer: splice the next one
 	noSplice   bool           // the kernel refused to splice this socket
 	finished   bool           // its FIN was forwarded
-	failed     bool           // the connection must be reset
 	moved      int64          // bytes written to the destination
 }
 

@@ -53,7 +53,7 @@ func (l *portListener) listenTCP(addr netip.AddrPort) (socket, error) {
 	s := &tcpSocket{l: l, fd: fd, bound: bound, loop: l.set.loop()}
 	if !s.loop.add(s, unix.EPOLLIN, func(slot, _ int32) { s.slot = slot }, fd) {
 		unix.Close(fd)
-		return nil, errors.New("listeners are closed")
+		return nil, errors.New("listeners are closed, or epoll refused the socket")
 	}
 	return s, nil
 }
@@ -339,8 +339,11 @@ func (c *tcpConn) abort() {
 // stopped.
 func (c *tcpConn) carry(l *loop) bool {
 	c.loop = l
-	return l.add(c, unix.EPOLLIN|unix.EPOLLOUT|unix.EPOLLRDHUP, func(slot, gen int32) {
-		c.slot, c.gen = slot, gen
-		l.dialing = append(l.dialing, c) // l.mu is held
-	}, c.fds[:]...)
+	if !l.add(c, unix.EPOLLIN|unix.EPOLLOUT|unix.EPOLLRDHUP, func(slot, gen int32) { c.slot, c.gen = slot, gen }, c.fds[:]...) {
+		return false
+	}
+	l.mu.Lock()
+	l.dialing = append(l.dialing, c) // for the attempt's deadline
+	l.mu.Unlock()
+	return true
 }

@@ -108,7 +108,7 @@ func (l *portListener) listenUDP(addr netip.AddrPort) (socket, error) {
 	u.loop = l.set.loop()
 	if !u.loop.add(u, unix.EPOLLIN, func(slot, _ int32) { u.slot = slot }, fd) {
 		unix.Close(fd)
-		return nil, errors.New("listeners are closed")
+		return nil, errors.New("listeners are closed, or epoll refused the socket")
 	}
 	return u, nil
 }
