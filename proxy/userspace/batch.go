@@ -53,16 +53,8 @@ func (b *udpBatch) recv(fd int) (int, error) {
 		h.SetControllen(len(b.oobs[i]))
 		h.Flags = 0
 	}
-	for {
-		n, _, errno := unix.RawSyscall6(unix.SYS_RECVMMSG, uintptr(fd), uintptr(unsafe.Pointer(&b.msgs[0])), uintptr(len(b.msgs)), unix.MSG_DONTWAIT, 0, 0)
-		switch errno {
-		case 0:
-			return int(n), nil
-		case unix.EINTR:
-			continue
-		}
-		return 0, errno
-	}
+	n, err := raw(unix.SYS_RECVMMSG, uintptr(fd), uintptr(unsafe.Pointer(&b.msgs[0])), uintptr(len(b.msgs)), unix.MSG_DONTWAIT, 0, 0)
+	return int(n), err
 }
 
 // datagram is message i of the last recv: who sent it, to which of our
@@ -83,14 +75,6 @@ func (b *udpBatch) datagram(i int, dst pktinfo) (from netip.AddrPort, to netip.A
 
 // rawSendmsg is sendmsg(2) on fd without blocking.
 func rawSendmsg(fd int, h *unix.Msghdr) error {
-	for {
-		_, _, errno := unix.RawSyscall(unix.SYS_SENDMSG, uintptr(fd), uintptr(unsafe.Pointer(h)), unix.MSG_DONTWAIT)
-		switch errno {
-		case 0:
-			return nil
-		case unix.EINTR:
-			continue
-		}
-		return errno
-	}
+	_, err := raw(unix.SYS_SENDMSG, uintptr(fd), uintptr(unsafe.Pointer(h)), unix.MSG_DONTWAIT, 0, 0, 0)
+	return err
 }

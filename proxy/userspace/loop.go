@@ -604,13 +604,14 @@ func (f *flow) drop(pipes *pipePool) {
 // while) could then lose the loop its P to sysmon and cost a thread
 // handoff to get it back.
 
-// rawRW is read(2) or write(2) on fd, repeated on EINTR.
-func rawRW(trap uintptr, fd int, p []byte) (int, error) {
+// raw makes system call trap without telling the scheduler, again when a
+// signal interrupted it (EINTR).
+func raw(trap, a1, a2, a3, a4, a5, a6 uintptr) (uintptr, error) {
 	for {
-		n, _, errno := unix.RawSyscall(trap, uintptr(fd), uintptr(unsafe.Pointer(unsafe.SliceData(p))), uintptr(len(p)))
+		r, _, errno := unix.RawSyscall6(trap, a1, a2, a3, a4, a5, a6)
 		switch errno {
 		case 0:
-			return int(n), nil
+			return r, nil
 		case unix.EINTR:
 			continue
 		}
@@ -618,17 +619,15 @@ func rawRW(trap uintptr, fd int, p []byte) (int, error) {
 	}
 }
 
+// rawRW is read(2) or write(2) on fd.
+func rawRW(trap uintptr, fd int, p []byte) (int, error) {
+	n, err := raw(trap, uintptr(fd), uintptr(unsafe.Pointer(unsafe.SliceData(p))), uintptr(len(p)), 0, 0, 0)
+	return int(n), err
+}
+
 // rawSplice moves up to n bytes from in to out without blocking; one of
 // them is a pipe.
 func rawSplice(in, out, n int) (int, error) {
-	for {
-		m, _, errno := unix.RawSyscall6(unix.SYS_SPLICE, uintptr(in), 0, uintptr(out), 0, uintptr(n), unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
-		switch errno {
-		case 0:
-			return int(m), nil
-		case unix.EINTR:
-			continue
-		}
-		return 0, errno
-	}
+	m, err := raw(unix.SYS_SPLICE, uintptr(in), 0, uintptr(out), 0, uintptr(n), unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+	return int(m), err
 }
