@@ -39,10 +39,7 @@ const maxDatagram = 64 * 1024
 // returns how many.
 func (b *udpBatch) recv(fd int) (int, error) {
 	for i := range b.msgs {
-		if b.bufs[i] == nil {
-			b.bufs[i] = new([maxDatagram]byte)
-		}
-		b.iovs[i].Base = &b.bufs[i][0]
+		b.iovs[i].Base = &b.buffer(i)[0]
 		b.iovs[i].SetLen(maxDatagram)
 		h := &b.msgs[i].hdr
 		h.Name = (*byte)(unsafe.Pointer(&b.names[i]))
@@ -55,6 +52,14 @@ func (b *udpBatch) recv(fd int) (int, error) {
 	}
 	n, err := raw(unix.SYS_RECVMMSG, uintptr(fd), uintptr(unsafe.Pointer(&b.msgs[0])), uintptr(len(b.msgs)), unix.MSG_DONTWAIT, 0, 0)
 	return int(n), err
+}
+
+// buffer is payload buffer i, made when first needed.
+func (b *udpBatch) buffer(i int) []byte {
+	if b.bufs[i] == nil {
+		b.bufs[i] = new([maxDatagram]byte)
+	}
+	return b.bufs[i][:]
 }
 
 // datagram is message i of the last recv: who sent it, to which of our

@@ -9,7 +9,6 @@
 package userspace
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -222,9 +221,6 @@ type Listeners struct {
 	cfg Config
 	log logrus.FieldLogger
 
-	ctx    context.Context // cancelled by Close: stops dials and UDP sessions
-	cancel context.CancelFunc
-
 	mu     sync.Mutex
 	active map[service.Key]*portListener
 	closed bool
@@ -324,12 +320,9 @@ func New(cfg Config) (*Listeners, error) {
 	if cfg.Metrics == nil {
 		cfg.Metrics, _ = NewMetrics(nil) // registers nothing: cannot fail
 	}
-	ctx, cancel := context.WithCancel(context.Background())
 	ls := &Listeners{
 		cfg:    cfg,
 		log:    cfg.log(),
-		ctx:    ctx,
-		cancel: cancel,
 		active: make(map[service.Key]*portListener),
 		conns:  make(map[*tcpConn]struct{}),
 		pipes:  newPipePool(cfg.maxPipes(), maxIdlePipes),
@@ -577,7 +570,6 @@ func (ls *Listeners) Close() {
 		c.abort()
 	}
 	ls.connMu.Unlock()
-	ls.cancel()
 	for _, l := range ls.loops {
 		l.stop() // after the resets just asked for
 	}

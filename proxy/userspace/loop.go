@@ -79,7 +79,7 @@ type loop struct {
 	stopped  bool
 	stopping bool // set by the stop command, on the loop's goroutine
 
-	dialing []*tcpConn // connections whose dial is under way, for their deadlines; guarded by mu
+	dialing []*tcpConn // connections whose dial is under way, for their deadlines
 
 	now   time.Time // when epoll_wait last returned
 	again []entry   // stopped by their fair share with more to move: served again before the next wait
@@ -259,7 +259,6 @@ func (l *loop) run() {
 // dials gives up the dial attempts past their deadline, going on to the
 // next endpoint, and returns the next deadline (or a time far off).
 func (l *loop) dials() time.Time {
-	l.mu.Lock()
 	live := l.dialing[:0]
 	var late []*tcpConn
 	next := l.now.Add(time.Hour)
@@ -278,7 +277,6 @@ func (l *loop) dials() time.Time {
 	}
 	clear(l.dialing[len(live):])
 	l.dialing = live
-	l.mu.Unlock()
 	for _, c := range late {
 		c.dialFailed(c.endpoint, errDialTimeout)
 		l.redial(c)
@@ -317,7 +315,7 @@ func (l *loop) redial(c *tcpConn) {
 		l.end(c, true)
 		return
 	}
-	ev := unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLOUT | unix.EPOLLRDHUP | unix.EPOLLET, Fd: key(c.slot, fromBackend), Pad: c.gen}
+	ev := unix.EpollEvent{Events: tcpEvents | unix.EPOLLET, Fd: key(c.slot, fromBackend), Pad: c.gen}
 	if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_ADD, c.fds[fromBackend], &ev); err != nil {
 		c.dialFailed(c.endpoint, err)
 		l.redial(c)

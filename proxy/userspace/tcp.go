@@ -13,14 +13,16 @@ import (
 
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/internal/backoff"
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/balancer"
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/service"
 )
 
-// keepAlive turns TCP keep-alive on for both sockets of every proxied
-// connection, with the kernel's timings (net.ipv4.tcp_keepalive_*). The
-// client's own keep-alive probes end at our socket, so the proxy must probe
-// each side itself to notice a peer that vanished without a FIN or RST. Go's
-// default would also set its own 15s timings: three more system calls per
-// socket on the new-connection path.
+// keepAlive turns TCP keep-alive on, with the kernel's timings
+// (net.ipv4.tcp_keepalive_*), for the connections Go accepts on
+// ListenConfig's listeners (the DNS stub's); proxied connections get the
+// same from setStreamOptions. The client's own keep-alive probes end at our
+// socket, so the proxy must probe each side itself to notice a peer that
+// vanished without a FIN or RST. Go's default would also set its own 15s
+// timings: three more system calls per socket.
 var keepAlive = net.KeepAliveConfig{Enable: true, Idle: -1, Interval: -1, Count: -1}
 
 // tcpSocket accepts the connections for one TCP service port at one
@@ -50,6 +52,9 @@ func (l *portListener) listenTCP(addr netip.AddrPort) (socket, error) {
 	if err != nil {
 		return nil, err
 	}
+	// Accepted sockets inherit these from the listening one: set once
+	// here, not on every connection.
+	setStreamOptions(fd)
 	s := &tcpSocket{l: l, fd: fd, bound: bound, loop: l.set.loop()}
 	if !s.loop.add(s, unix.EPOLLIN, func(slot, _ int32) { s.slot = slot }, fd) {
 		unix.Close(fd)
@@ -115,9 +120,7 @@ func (s *tcpSocket) accept(l *loop) {
 			return
 		}
 		s.failures = 0
-		client := addrPortOf(sa)
-		setStreamOptions(fd)
-		s.l.accepted(l, fd, client)
+		s.l.accepted(l, fd, addrPortOf(sa))
 	}
 	l.queue(s, &s.queued)
 }
@@ -147,11 +150,11 @@ func (l *portListener) accepted(lp *loop, fd int, client netip.AddrPort) {
 		return
 	}
 	c := &tcpConn{fds: [2]int{fd, -1}, l: l, client: client, choice: choice, attempt: -1,
-		idleTimeout: l.set.cfg.TCPIdleTimeout, halfCloseTimeout: l.set.cfg.halfCloseTimeout(), active: time.Now()}
+		idleTimeout: l.set.cfg.TCPIdleTimeout, halfCloseTimeout: l.set.cfg.halfCloseTimeout(), active: lp.now}
 	if l.proxyProtocol.Load() {
 		c.header = proxyHeader(fd, client)
 	}
-	if !c.dialNext(time.Now()) {
+	if !c.dialNext(lp.now) {
 		c.dropped()
 		resetClose(fd)
 		l.set.releaseTCP(l)
@@ -183,7 +186,7 @@ func (c *tcpConn) dialNext(now time.Time) bool {
 			l.m.dialRetries.Inc()
 		}
 		ep := c.choice.Endpoint(c.attempt)
-		fd, err := l.set.connectFrom(l.log, c.client, ep)
+		fd, err := l.set.connectFrom(l.log, service.TCP, c.client, ep)
 		if err != nil {
 			c.dialFailed(ep, err)
 			continue
@@ -301,7 +304,8 @@ func resetClose(fd int) {
 // setStreamOptions sets what every proxied socket needs: TCP_NODELAY, so
 // that a small message is forwarded at once (Nagle would hold it for the
 // ACK of the last), and SO_KEEPALIVE at the kernel's timings (see
-// keepAlive).
+// keepAlive). Set on a listening socket, both pass to the sockets it
+// accepts.
 func setStreamOptions(fd int) {
 	unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
 	unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1)
@@ -335,15 +339,18 @@ func (c *tcpConn) abort() {
 	c.loop.post(func(l *loop) { l.end(c, true) })
 }
 
-// carry hands c, still dialing, to loop l. It reports false when l has
-// stopped.
+// tcpEvents are what a loop asks epoll about a connection's sockets:
+// readable, writable (which is also how a connect reports it finished),
+// and the peer's FIN.
+const tcpEvents = unix.EPOLLIN | unix.EPOLLOUT | unix.EPOLLRDHUP
+
+// carry hands c, still dialing, to loop l, from l's own goroutine (the one
+// that accepted c). It reports false when l has stopped.
 func (c *tcpConn) carry(l *loop) bool {
 	c.loop = l
-	if !l.add(c, unix.EPOLLIN|unix.EPOLLOUT|unix.EPOLLRDHUP, func(slot, gen int32) { c.slot, c.gen = slot, gen }, c.fds[:]...) {
+	if !l.add(c, tcpEvents, func(slot, gen int32) { c.slot, c.gen = slot, gen }, c.fds[:]...) {
 		return false
 	}
-	l.mu.Lock()
 	l.dialing = append(l.dialing, c) // for the attempt's deadline
-	l.mu.Unlock()
 	return true
 }

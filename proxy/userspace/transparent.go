@@ -1,16 +1,14 @@
 package userspace
 
 import (
-	"context"
 	"errors"
-	"net"
 	"net/netip"
 	"slices"
-	"syscall"
-	"time"
 
 	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
+
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/service"
 )
 
 // Keeping the client's address (--preserve-source-ip).
@@ -82,85 +80,24 @@ func (ls *Listeners) transparentSource(client, endpoint netip.AddrPort) (src net
 	return netip.AddrPort{}, sourceNotLocalPod
 }
 
-// transparentDialer dials from src with IP_TRANSPARENT (IPV6_TRANSPARENT),
-// which needs CAP_NET_ADMIN. SO_REUSEADDR lets several of our sockets
-// share one client address and port towards different endpoints; the
-// kernel still refuses two with the same four-tuple.
-func transparentDialer(src netip.AddrPort, timeout time.Duration, network string) *net.Dialer {
-	d := &net.Dialer{Timeout: timeout, KeepAliveConfig: keepAlive}
-	if network == "tcp" {
-		d.LocalAddr = net.TCPAddrFromAddrPort(src)
-	} else {
-		d.LocalAddr = net.UDPAddrFromAddrPort(src)
-	}
-	d.Control = func(_, _ string, c syscall.RawConn) error {
-		var serr error
-		err := c.Control(func(fd uintptr) {
-			level, opt := unix.IPPROTO_IP, unix.IP_TRANSPARENT
-			if src.Addr().Is6() {
-				level, opt = unix.IPPROTO_IPV6, unix.IPV6_TRANSPARENT
-			}
-			if serr = unix.SetsockoptInt(int(fd), level, opt, 1); serr == nil {
-				serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEADDR, 1)
-			}
-		})
-		return errors.Join(err, serr)
-	}
-	return d
-}
-
-// dialFrom connects to endpoint over network ("tcp" or "udp") from the
-// client's address when transparentSource says so, else from the node. A
-// transparent dial whose port is taken is tried again on a port of the
-// kernel's choosing; one the kernel refuses altogether (no CAP_NET_ADMIN)
-// falls back to the node's address. Every outcome is counted.
-func (ls *Listeners) dialFrom(ctx context.Context, log logrus.FieldLogger, network string, client, endpoint netip.AddrPort, timeout time.Duration) (net.Conn, error) {
-	proto := "TCP"
-	if network == "udp" {
-		proto = "UDP"
-	}
+// connectFrom opens a socket of ours to endpoint, for proto (service.TCP
+// or service.UDP), from the client's address when transparentSource says
+// so, else from the node. A transparent socket whose port is taken is
+// tried again on a port of the kernel's choosing; one the kernel refuses
+// altogether (no CAP_NET_ADMIN) falls back to the node's address. Every
+// outcome is counted. A TCP socket is left connecting (its loop sees the
+// connect finish or fail); a UDP one is connected at once, which only
+// records the peer.
+func (ls *Listeners) connectFrom(log logrus.FieldLogger, proto service.Protocol, client, endpoint netip.AddrPort) (int, error) {
 	src, why := ls.transparentSource(client, endpoint)
 	if src.IsValid() {
-		c, err := transparentDialer(src, timeout, network).DialContext(ctx, network, endpoint.String())
+		fd, err := connectSocket(proto, endpoint, src)
 		if isPortTaken(err) {
 			why = sourceOtherPort
-			c, err = transparentDialer(netip.AddrPortFrom(src.Addr(), 0), timeout, network).DialContext(ctx, network, endpoint.String())
+			fd, err = connectSocket(proto, endpoint, netip.AddrPortFrom(src.Addr(), 0))
 		}
 		if err == nil || !isBindRefused(err) {
-			ls.cfg.Metrics.sourceIP.WithLabelValues(proto, why).Inc()
-			return c, err
-		}
-		why = sourceFailed
-		ls.logDropped.Log(log.WithError(err), func(e *logrus.Entry) {
-			e.Warn("Could not dial an endpoint from the client's address (--preserve-source-ip needs CAP_NET_ADMIN); dialing from the node")
-		})
-	}
-	if why != "" {
-		ls.cfg.Metrics.sourceIP.WithLabelValues(proto, why).Inc()
-	}
-	if network == "udp" {
-		// Connecting a UDP socket only records the peer: nothing to
-		// time out or cancel.
-		return net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(endpoint))
-	}
-	d := net.Dialer{Timeout: timeout, KeepAliveConfig: keepAlive}
-	return d.DialContext(ctx, network, endpoint.String())
-}
-
-// connectFrom starts a TCP connection to endpoint, from the client's
-// address when transparentSource says so, else from the node, on a
-// non-blocking socket of ours that the caller's loop sees finish (or
-// fail). The fallbacks and counts are dialFrom's.
-func (ls *Listeners) connectFrom(log logrus.FieldLogger, client, endpoint netip.AddrPort) (int, error) {
-	src, why := ls.transparentSource(client, endpoint)
-	if src.IsValid() {
-		fd, err := connectTCP(endpoint, src)
-		if isPortTaken(err) {
-			why = sourceOtherPort
-			fd, err = connectTCP(endpoint, netip.AddrPortFrom(src.Addr(), 0))
-		}
-		if err == nil || !isBindRefused(err) {
-			ls.cfg.Metrics.sourceIP.WithLabelValues("TCP", why).Inc()
+			ls.cfg.Metrics.sourceIP.WithLabelValues(string(proto), why).Inc()
 			return fd, err
 		}
 		why = sourceFailed
@@ -169,19 +106,25 @@ func (ls *Listeners) connectFrom(log logrus.FieldLogger, client, endpoint netip.
 		})
 	}
 	if why != "" {
-		ls.cfg.Metrics.sourceIP.WithLabelValues("TCP", why).Inc()
+		ls.cfg.Metrics.sourceIP.WithLabelValues(string(proto), why).Inc()
 	}
-	return connectTCP(endpoint, netip.AddrPort{})
+	return connectSocket(proto, endpoint, netip.AddrPort{})
 }
 
-// connectTCP starts a non-blocking connect to endpoint, from src (with
-// IP_TRANSPARENT, as transparentDialer) if it is valid.
-func connectTCP(endpoint, src netip.AddrPort) (int, error) {
-	family := unix.AF_INET
+// connectSocket makes a non-blocking socket for proto and connects it to
+// endpoint, from src if it is valid: with IP_TRANSPARENT (IPV6_TRANSPARENT),
+// which needs CAP_NET_ADMIN, and SO_REUSEADDR, which lets several of our
+// sockets share one client address and port towards different endpoints
+// (the kernel still refuses two with the same four-tuple).
+func connectSocket(proto service.Protocol, endpoint, src netip.AddrPort) (int, error) {
+	family, sotype := unix.AF_INET, unix.SOCK_STREAM
 	if endpoint.Addr().Is6() {
 		family = unix.AF_INET6
 	}
-	fd, err := unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+	if proto == service.UDP {
+		sotype = unix.SOCK_DGRAM
+	}
+	fd, err := unix.Socket(family, sotype|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return -1, err
 	}

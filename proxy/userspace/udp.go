@@ -18,6 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/balancer"
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/service"
 )
 
 // udpSocket serves one UDP service port at one address. UDP has no
@@ -66,6 +67,7 @@ type udpSession struct {
 	// and the IP_PKTINFO / IPV6_PKTINFO control message that sends it
 	// from local.
 	reply  unix.Msghdr
+	iov    unix.Iovec // the payload of reply: the loop's buffer
 	to     unix.RawSockaddrAny
 	oob    []byte
 	queued bool
@@ -301,13 +303,9 @@ func (u *udpSocket) dialSession(client netip.AddrPort, local netip.Addr) *udpSes
 	}
 	for attempt := range choice.Len() {
 		ep := choice.Endpoint(attempt)
-		c, err := u.set.dialFrom(u.set.ctx, u.log, "udp", client, ep, 0)
+		fd, err := u.set.connectFrom(u.log, service.UDP, client, ep)
 		if attempt > 0 {
 			u.m.dialRetries.Inc()
-		}
-		var fd int
-		if err == nil {
-			fd, err = detachFD(c.(*net.UDPConn))
 		}
 		if err != nil {
 			u.m.dialErrors.Inc()
@@ -378,7 +376,10 @@ func (s *udpSession) stop(l *loop) {
 // answered with ICMP port unreachable) ends the session; the next datagram
 // from the client starts a new one.
 func (s *udpSession) relay(l *loop) {
-	buf := l.udp.bufs[0][:]
+	buf := l.udp.buffer(0)
+	s.iov.Base = &buf[0]
+	s.reply.Iov = &s.iov
+	s.reply.SetIovlen(1)
 	for range fairShare {
 		if s.elem == nil {
 			return
@@ -393,20 +394,17 @@ func (s *udpSession) relay(l *loop) {
 		}
 		s.last = l.now
 		s.u.m.fromBackend.Add(float64(n))
-		iov := unix.Iovec{Base: &buf[0]}
-		iov.SetLen(n)
-		s.reply.Iov = &iov
-		s.reply.SetIovlen(1)
+		s.iov.SetLen(n)
 		if err := rawSendmsg(s.u.fd, &s.reply); err != nil && err != unix.EAGAIN {
 			s.u.log.WithError(err).WithField("client", s.client).Debug("UDP reply not delivered")
 		}
-		s.reply.Iov = nil
 	}
 	l.queue(s, &s.queued)
 }
 
 // detachFD returns a descriptor of c's socket that the Go runtime does
-// not know, and closes c (see newTCPConn).
+// not know, and closes c: closing takes the original out of the runtime's
+// poller, so that it never wakes for this socket again.
 func detachFD(c syscall.Conn) (int, error) {
 	rc, err := c.SyscallConn()
 	if err != nil {
