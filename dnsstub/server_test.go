@@ -15,7 +15,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
-	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/service"
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/service"
 )
 
 const domain = "k8s.cluster.local"

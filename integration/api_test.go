@@ -17,8 +17,8 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/kubernetes"
 
-	"github.com/kube-userspace-proxy/kube-userspace-proxy/integration/lab"
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/internal/kubetestenv"
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/internal/lab"
 )
 
 var (

@@ -10,7 +10,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 
-	"github.com/kube-userspace-proxy/kube-userspace-proxy/integration/lab"
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/internal/lab"
 )
 
 // TestHeadlessDNSThroughTheAPI: with the DNS stub on, the proxy also

@@ -9,7 +9,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/kube-userspace-proxy/kube-userspace-proxy/integration/lab"
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/internal/lab"
 )
 
 // frontendsManifest is a LoadBalancer Service with an external IP, a

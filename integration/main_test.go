@@ -13,7 +13,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/kube-userspace-proxy/kube-userspace-proxy/integration/lab"
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/internal/lab"
 )
 
 var tools lab.Tools

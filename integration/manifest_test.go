@@ -4,7 +4,7 @@ import (
 	"os"
 	"testing"
 
-	"github.com/kube-userspace-proxy/kube-userspace-proxy/integration/lab"
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/internal/lab"
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/manifest"
 )
 

@@ -13,7 +13,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 
-	"github.com/kube-userspace-proxy/kube-userspace-proxy/integration/lab"
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/internal/lab"
 )
 
 var benchRuns int

@@ -14,9 +14,9 @@ import (
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/conntrack"
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/iptables"
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/localaddr"
-	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/service"
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/userspace"
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/replyroute"
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/service"
 )
 
 // Modes: how Service traffic reaches our listeners (--mode).

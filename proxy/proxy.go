@@ -35,11 +35,11 @@ import (
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/iptables"
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/localaddr"
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/manifest"
-	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/service"
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/snapshot"
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/userspace"
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/watch"
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/replyroute"
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/service"
 )
 
 // Config is everything Run needs. Zero fields take the defaults their

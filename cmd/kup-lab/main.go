@@ -20,7 +20,7 @@ import (
 	proxyproto "github.com/pires/go-proxyproto"
 	"github.com/spf13/cobra"
 
-	"github.com/kube-userspace-proxy/kube-userspace-proxy/integration/lab"
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/internal/lab"
 )
 
 func main() {

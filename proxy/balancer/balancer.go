@@ -15,7 +15,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/service"
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/service"
 )
 
 // Balancer spreads the connections of one service port over its endpoints. It

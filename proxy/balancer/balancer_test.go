@@ -5,7 +5,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/service"
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/service"
 )
 
 var (

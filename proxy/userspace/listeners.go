@@ -28,7 +28,7 @@ import (
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/internal/logthrottle"
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/balancer"
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/portalloc"
-	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/service"
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/service"
 )
 
 // Config says how listeners are opened and how traffic is carried. Zero

@@ -9,7 +9,7 @@ import (
 
 	"golang.org/x/net/ipv4"
 
-	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/service"
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/service"
 )
 
 // idleSessionsConfig holds sessions for the whole round.

@@ -3,7 +3,7 @@ package userspace
 import (
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/service"
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/service"
 )
 
 // Metrics are the listeners' Prometheus metrics. Labels are bounded sets

@@ -13,7 +13,7 @@ import (
 
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/internal/backoff"
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/balancer"
-	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/service"
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/service"
 )
 
 // keepAlive turns TCP keep-alive on, with the kernel's timings

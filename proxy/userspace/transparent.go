@@ -8,7 +8,7 @@ import (
 	"github.com/sirupsen/logrus"
 	"golang.org/x/sys/unix"
 
-	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/service"
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/service"
 )
 
 // Keeping the client's address (--preserve-source-ip).
