@@ -189,7 +189,10 @@ func Run(ctx context.Context, cfg Config) error {
 		"source":         sourceName(&cfg),
 	}).Info("Starting kube-userspace-proxy")
 
-	p := &proxier{log: log, listeners: listeners, front: front, dns: dns, stub: stub, health: hl, metrics: hm}
+	p := &proxier{log: log, listeners: listeners, front: front, dns: dns, health: hl, stats: &syncStats{metrics: hm}}
+	if stub != nil {
+		p.names = func(s service.Snapshot) { stub.SetZone(dnsstub.NewZone(stub.Domain(), stub.TTL(), s)) }
+	}
 	snaps := make(chan change, 1)
 	g, ctx := errgroup.WithContext(ctx)
 	// Both sources end in the same place: Services and EndpointSlices,
@@ -368,18 +371,21 @@ func bindString(a netip.Addr) string {
 // proxier applies snapshots. Only its loop goroutine touches it.
 type proxier struct {
 	log       logrus.FieldLogger
-	listeners *userspace.Listeners
+	listeners sockets
 	front     frontend
-	dns       *dnsTarget      // nil without a DNS stub
-	stub      *dnsstub.Server // nil without a DNS stub
+	dns       *dnsTarget             // nil without a DNS stub
+	names     func(service.Snapshot) // gives the DNS stub its zone; nil without one
 	health    *health
-	metrics   *healthMetrics
+	stats     *syncStats
 	current   service.Snapshot
 	bound     map[service.Key][]netip.AddrPort
-	// triggers are the trigger times of changes not applied yet, and
-	// pending counts those changes.
-	triggers                       []time.Time
-	pendingServices, pendingSlices int
+}
+
+// sockets is what the apply loop asks of the listeners (userspace.Listeners):
+// open what a snapshot needs, and later close what nothing leads to.
+type sockets interface {
+	Sync(s service.Snapshot, binds userspace.Binds) (map[service.Key][]netip.AddrPort, error)
+	CloseUnused()
 }
 
 // build makes the Snapshot for an update from either source. IPv6 halves
@@ -406,21 +412,21 @@ func (p *proxier) loop(ctx context.Context, changes <-chan change, period time.D
 		case <-ctx.Done():
 			return
 		case c := <-changes:
-			p.triggers = addTriggers(p.triggers, c.triggers)
-			p.pendingServices += c.serviceChanges
-			p.pendingSlices += c.endpointChanges
-			p.apply(c.snap, false)
+			p.stats.taken(c)
+			p.apply(c.snap)
 			synced = true
 		case <-tick.C:
 			if synced {
-				p.apply(p.current, true)
+				p.front.resync()
+				p.apply(p.current)
 			}
 		}
 	}
 }
 
-// apply makes the node serve s; full rewrites rules that look unchanged.
-func (p *proxier) apply(s service.Snapshot, full bool) {
+// apply makes the node serve s, in the order that never lets a packet find
+// nothing: open, point, name, close.
+func (p *proxier) apply(s service.Snapshot) {
 	start := time.Now()
 	// 1. Open the sockets new service ports and new addresses need, and
 	// give every listener its current endpoints. Old sockets keep serving
@@ -432,7 +438,7 @@ func (p *proxier) apply(s service.Snapshot, full bool) {
 	// 2. Point the Service addresses at the sockets: rules, or local
 	// addresses.
 	opened := time.Now()
-	wrote, err := p.front.point(s, bound, p.dns, full)
+	wrote, err := p.front.point(s, bound, p.dns)
 	pointed := time.Now()
 	if err != nil {
 		// Keep every socket open: what is still in the kernel may lead
@@ -441,8 +447,8 @@ func (p *proxier) apply(s service.Snapshot, full bool) {
 		return
 	}
 	// 3. Names resolve once the addresses they give work.
-	if p.stub != nil {
-		p.stub.SetZone(dnsstub.NewZone(p.stub.Domain(), p.stub.TTL(), s))
+	if p.names != nil {
+		p.names(s)
 	}
 	// 4. Nothing leads to the sockets of removed ports and addresses any
 	// more.
@@ -450,18 +456,43 @@ func (p *proxier) apply(s service.Snapshot, full bool) {
 	p.logChanges(s, bound)
 	p.current, p.bound = s, bound
 	p.health.updated()
-	p.metrics.syncDuration.Observe(time.Since(start).Seconds())
-	p.metrics.lastSync.SetToCurrentTime()
-	for _, t := range p.triggers {
-		p.metrics.networkProgramming.Observe(time.Since(t).Seconds())
-	}
-	p.triggers = nil
-	p.metrics.serviceChangesPending.Sub(float64(p.pendingServices))
-	p.metrics.endpointChangesPending.Sub(float64(p.pendingSlices))
-	p.pendingServices, p.pendingSlices = 0, 0
-	p.metrics.noLocalEndpoints.WithLabelValues("internal").Set(float64(noLocalEndpoints(s)))
+	p.stats.applied(start, s)
 	p.log.WithFields(logrus.Fields{"servicePorts": len(s.Ports), "rulesWritten": wrote, "duration": time.Since(start).Round(time.Microsecond),
 		"listenersDuration": opened.Sub(start).Round(time.Microsecond), "pointDuration": pointed.Sub(opened).Round(time.Microsecond)}).Debug("Synced")
+}
+
+// syncStats keeps the apply loop's metrics: how long syncs take, how many
+// changes wait, and the network programming latency of each change. Only
+// the loop goroutine touches it.
+type syncStats struct {
+	metrics *healthMetrics
+	// triggers are the trigger times of changes not applied yet, and
+	// pending counts those changes.
+	triggers                       []time.Time
+	pendingServices, pendingSlices int
+}
+
+// taken records a change the loop took and is about to apply.
+func (st *syncStats) taken(c change) {
+	st.triggers = addTriggers(st.triggers, c.triggers)
+	st.pendingServices += c.serviceChanges
+	st.pendingSlices += c.endpointChanges
+}
+
+// applied records a successful apply of s that began at start: everything
+// taken so far is served.
+func (st *syncStats) applied(start time.Time, s service.Snapshot) {
+	m := st.metrics
+	m.syncDuration.Observe(time.Since(start).Seconds())
+	m.lastSync.SetToCurrentTime()
+	for _, t := range st.triggers {
+		m.networkProgramming.Observe(time.Since(t).Seconds())
+	}
+	st.triggers = nil
+	m.serviceChangesPending.Sub(float64(st.pendingServices))
+	m.endpointChangesPending.Sub(float64(st.pendingSlices))
+	st.pendingServices, st.pendingSlices = 0, 0
+	m.noLocalEndpoints.WithLabelValues("internal").Set(float64(noLocalEndpoints(s)))
 }
 
 // noLocalEndpoints counts the Services of s whose internalTrafficPolicy is
