@@ -7,6 +7,7 @@
 #   make bench-modes  redirect mode against bind mode in the lab, with wrk
 #   make soak    every kind of load at once, good and hostile, for SOAK_DURATION (10m)
 #   make build   the binaries, into bin/
+#   make depcheck  fail on an import that runs against cmd -> proxy -> parts -> service
 
 SHELL := /bin/bash
 # A fresh machine may have Go installed but not on PATH.
@@ -25,12 +26,15 @@ export KUBE_TESTENV_BIN ?= $(or $(HOME),/root)/.cache/kube-testenv/$(KUBE_TESTEN
 DEB_PACKAGES := iptables iproute2 curl nftables dnsutils
 BENCH_PACKAGES := iperf3 wrk haproxy socat nginx-light libnginx-mod-stream strace
 
-.PHONY: all build kube-testenv test demo soak bench bench-held bench-programming bench-sync bench-modes dnsperf deps bench-deps netbench clean
+.PHONY: all build depcheck kube-testenv test demo soak bench bench-held bench-programming bench-sync bench-modes dnsperf deps bench-deps netbench clean
 
 all: build
 
 build:
 	$(GO) build -ldflags "$(LDFLAGS)" -o bin/ ./cmd/...
+
+depcheck:
+	$(GO) run ./hack/depcheck
 
 # deps installs the Debian packages that are missing (as root).
 deps:
@@ -54,6 +58,7 @@ test: deps kube-testenv
 	@big=$$(git ls-files -z | xargs -0 -r stat -c '%s %n' 2>/dev/null | awk '$$1 > 1048576 {print $$2}'); if [ -n "$$big" ]; then echo "tracked files over 1 MB (build outputs do not belong in git):"; echo "$$big"; exit 1; fi
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
+	$(GO) run ./hack/depcheck
 	$(GO) test -race -count=1 ./...
 	$(GO) test -run '^$$' -fuzz FuzzAnswer -fuzztime 200000x ./dnsstub/
 

@@ -205,7 +205,7 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	g.Go(func() error {
 		if cfg.Manifests == "" {
-			return watch.Run(ctx, watch.Config{
+			watch.Run(ctx, watch.Config{
 				Client:           cfg.Kubernetes,
 				ServiceProxyName: cfg.ServiceProxyName,
 				Headless:         stub != nil,
@@ -217,6 +217,7 @@ func Run(ctx context.Context, cfg Config) error {
 				Changed:          hm.changed,
 				Log:              log,
 			}, publish)
+			return nil
 		}
 		w := &manifest.Watcher{Path: cfg.Manifests, Log: log}
 		selector := watch.ServiceSelector(cfg.ServiceProxyName)

@@ -14,13 +14,11 @@ package main
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"net"
 	"net/netip"
 	"os"
 	"os/signal"
-	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -32,7 +30,6 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
-	"k8s.io/klog/v2"
 
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/dnsstub"
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/iptables"
@@ -174,11 +171,7 @@ func (o *options) run(cmd *cobra.Command) error {
 	if err != nil {
 		return err
 	}
-	// client-go logs through klog; give it the same verbosity, so that
-	// -v 6 and up show its requests.
-	klogFlags := flag.NewFlagSet("klog", flag.ContinueOnError)
-	klog.InitFlags(klogFlags)
-	klogFlags.Set("v", strconv.Itoa(o.verbosity))
+	routeKlog(log, o.verbosity)
 	if o.configFile != "" {
 		if err := o.loadConfig(o.configFile, cmd.Flags(), log); err != nil {
 			return err
@@ -417,32 +410,6 @@ func (o *options) config(log logrus.FieldLogger) (proxy.Config, error) {
 		SyncPeriod:          o.syncPeriod,
 		Log:                 log,
 	}, nil
-}
-
-// logger builds the logrus logger that every part receives. Levels follow
-// Kubernetes' verbosity: 0-2 info, 3-4 debug, 5 and up trace.
-func (o *options) logger() (*logrus.Logger, error) {
-	l := logrus.New()
-	l.Out = os.Stderr
-	switch o.logFormat {
-	case "text":
-		l.Formatter = &logrus.TextFormatter{DisableColors: true, FullTimestamp: true, TimestampFormat: time.RFC3339Nano}
-	case "json":
-		l.Formatter = &logrus.JSONFormatter{TimestampFormat: time.RFC3339Nano}
-	default:
-		return nil, fmt.Errorf("--log-format %q: want text or json", o.logFormat)
-	}
-	switch {
-	case o.verbosity < 0:
-		return nil, fmt.Errorf("-v %d: must be 0 or more", o.verbosity)
-	case o.verbosity >= 5:
-		l.Level = logrus.TraceLevel
-	case o.verbosity >= 3:
-		l.Level = logrus.DebugLevel
-	default:
-		l.Level = logrus.InfoLevel
-	}
-	return l, nil
 }
 
 // kubeClient connects to the cluster named by --kubeconfig and --master, or,

@@ -17,6 +17,7 @@
 package watch
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"math"
@@ -26,6 +27,7 @@ import (
 	"time"
 
 	"github.com/sirupsen/logrus"
+	"golang.org/x/time/rate"
 	v1 "k8s.io/api/core/v1"
 	discovery "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -36,8 +38,6 @@ import (
 	apiwatch "k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/cache"
-
-	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/ratelimit"
 )
 
 // LabelServiceProxyName is the label that hands a Service to a particular
@@ -87,6 +87,19 @@ var reconnect = wait.Backoff{
 	Cap:      time.Second,
 }
 
+// Defaults, kube-proxy's: the flags and Config use them.
+const (
+	// DefaultResyncPeriod is --config-sync-period's default.
+	DefaultResyncPeriod = 15 * time.Minute
+	// DefaultMinSyncPeriod is --iptables-min-sync-period's default.
+	DefaultMinSyncPeriod = time.Second
+	// DefaultEndpointMinSyncPeriod bounds EndpointSlice changes alone.
+	DefaultEndpointMinSyncPeriod = 100 * time.Millisecond
+	// DefaultWaitReport is how often Run says it still waits for the
+	// first lists.
+	DefaultWaitReport = 10 * time.Second
+)
+
 // Config says what to watch. Zero fields take the defaults their comments
 // give.
 type Config struct {
@@ -100,7 +113,7 @@ type Config struct {
 	Headless bool
 	// ResyncPeriod is how often everything is handed on again even
 	// without a change (--config-sync-period, the informers' resync in
-	// kube-proxy). Zero means 15m, kube-proxy's default.
+	// kube-proxy). Zero means DefaultResyncPeriod.
 	ResyncPeriod time.Duration
 	// MinSyncPeriod bounds how often Service changes are applied
 	// (--iptables-min-sync-period): a sparse change is applied at once, a
@@ -108,11 +121,14 @@ type Config struct {
 	// waiting and being applied together. Only Services decide rules;
 	// EndpointSlice changes touch no rule (they only change where our
 	// listeners send connections), so they are bounded by the much shorter
-	// EndpointMinSyncPeriod instead. Zero means 1s.
+	// EndpointMinSyncPeriod instead. Zero means DefaultMinSyncPeriod.
 	MinSyncPeriod time.Duration
 	// EndpointMinSyncPeriod bounds how often EndpointSlice changes alone
-	// are applied, the same way. Zero means 100ms.
+	// are applied, the same way. Zero means DefaultEndpointMinSyncPeriod.
 	EndpointMinSyncPeriod time.Duration
+	// WaitReport is how often a line says that the first lists have not
+	// arrived yet, with the last error. Zero means DefaultWaitReport.
+	WaitReport time.Duration
 	// NodeName and NodeEligible: when both are set, this node's Node
 	// object is watched and NodeEligible is told whether the node can take
 	// load-balancer traffic: not when it is being deleted or carries the
@@ -181,22 +197,17 @@ func eligible(n *v1.Node) bool {
 
 // Run starts the reflectors and waits until both Services and
 // EndpointSlices have their first full list (nothing is applied from a
-// half-known cluster), then calls apply with every Service and
-// EndpointSlice: once, and again after changes, never more often than
-// MinSyncPeriod allows, never concurrently. It returns when ctx is done,
-// or with an error if ctx ends before the first lists arrived.
-func Run(ctx context.Context, cfg Config, apply func(Update)) error {
-	resync := cfg.ResyncPeriod
-	if resync == 0 {
-		resync = 15 * time.Minute
-	}
-	minSync := cfg.MinSyncPeriod
-	if minSync == 0 {
-		minSync = time.Second
-	}
-	endpointMinSync := cfg.EndpointMinSyncPeriod
-	if endpointMinSync == 0 {
-		endpointMinSync = 100 * time.Millisecond
+// half-known cluster), saying every WaitReport why not yet; then calls apply
+// with every Service and EndpointSlice: once, and again after changes,
+// never more often than MinSyncPeriod allows, never concurrently. It
+// returns when ctx is done.
+func Run(ctx context.Context, cfg Config, apply func(Update)) {
+	resync := cmp.Or(cfg.ResyncPeriod, DefaultResyncPeriod)
+	minSync := cmp.Or(cfg.MinSyncPeriod, DefaultMinSyncPeriod)
+	endpointMinSync := cmp.Or(cfg.EndpointMinSyncPeriod, DefaultEndpointMinSyncPeriod)
+	log := cfg.Log
+	if log == nil {
+		log = logrus.StandardLogger()
 	}
 	selector := ServiceSelector(cfg.ServiceProxyName).String()
 
@@ -230,6 +241,10 @@ func Run(ctx context.Context, cfg Config, apply func(Update)) error {
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	defer cancel() // runs first: stops the reflectors, then wg waits for them
+	// The last error of any list or watch, for the line that says why the
+	// first lists have not arrived.
+	var lastErr atomic.Pointer[error]
+	failed := func(err error) { lastErr.Store(&err) }
 	run := func(lw cache.ListerWatcher, typ runtime.Object, store cache.ReflectorStore) {
 		r := cache.NewReflectorWithOptions(lw, typ, store, cache.ReflectorOptions{
 			ResyncPeriod: resync,
@@ -238,10 +253,10 @@ func Run(ctx context.Context, cfg Config, apply func(Update)) error {
 		wg.Go(func() { r.RunWithContext(ctx) })
 	}
 	core, disc := cfg.Client.CoreV1(), cfg.Client.DiscoveryV1()
-	run(listWatch(func(o *metav1.ListOptions) { o.LabelSelector = selector },
+	run(listWatch(failed, func(o *metav1.ListOptions) { o.LabelSelector = selector },
 		core.Services(metav1.NamespaceAll).List, core.Services(metav1.NamespaceAll).Watch),
 		&v1.Service{}, services)
-	run(listWatch(func(o *metav1.ListOptions) { o.LabelSelector = sliceSelector },
+	run(listWatch(failed, func(o *metav1.ListOptions) { o.LabelSelector = sliceSelector },
 		disc.EndpointSlices(metav1.NamespaceAll).List, disc.EndpointSlices(metav1.NamespaceAll).Watch),
 		&discovery.EndpointSlice{}, slices)
 	if cfg.NodeName != "" && (cfg.NodeEligible != nil || cfg.NodePodCIDRs != nil) {
@@ -259,19 +274,29 @@ func Run(ctx context.Context, cfg Config, apply func(Update)) error {
 				cfg.NodePodCIDRs(podCIDRs(n))
 			}
 		})
-		run(listWatch(func(o *metav1.ListOptions) { o.FieldSelector = "metadata.name=" + cfg.NodeName },
+		run(listWatch(failed, func(o *metav1.ListOptions) { o.FieldSelector = "metadata.name=" + cfg.NodeName },
 			core.Nodes().List, core.Nodes().Watch),
 			&v1.Node{}, node)
 	}
 
-	if cfg.Log != nil {
-		cfg.Log.Info("Waiting for the first lists of Services and EndpointSlices")
-	}
-	if !cache.WaitForCacheSync(ctx.Done(), services.hasSynced, slices.hasSynced) {
-		if ctx.Err() != nil {
-			return nil
+	log.Info("Waiting for the first lists of Services and EndpointSlices")
+	report := time.Now().Add(cmp.Or(cfg.WaitReport, DefaultWaitReport))
+	synced := func(context.Context) (bool, error) {
+		if services.hasSynced() && slices.hasSynced() {
+			return true, nil
 		}
-		return errors.New("the Service and EndpointSlice lists did not arrive")
+		if now := time.Now(); now.After(report) {
+			report = now.Add(cmp.Or(cfg.WaitReport, DefaultWaitReport))
+			l := log
+			if err := lastErr.Load(); err != nil {
+				l = l.WithError(*err)
+			}
+			l.Warn("Still waiting for the first lists of Services and EndpointSlices; nothing is served until both arrive")
+		}
+		return false, nil
+	}
+	if wait.PollUntilContextCancel(ctx, 100*time.Millisecond, true, synced) != nil {
+		return // ctx is done
 	}
 
 	// Changes are applied at once while they are sparse, and bounded when
@@ -279,8 +304,8 @@ func Run(ctx context.Context, cfg Config, apply func(Update)) error {
 	// BoundedFrequencyRunner (minSyncPeriod, burst 2). A Service change
 	// spends a token of rules as well as one of changes. (One that lands
 	// while we wait for a token rides along and is counted next time.)
-	changes := ratelimit.New(2, endpointMinSync, time.Now())
-	rules := ratelimit.New(2, minSync, time.Now())
+	changes := rate.NewLimiter(rate.Every(endpointMinSync), 2)
+	rules := rate.NewLimiter(rate.Every(minSync), 2)
 	for {
 		// Counts first: every change counted is then in the lists.
 		u := Update{ServiceChanges: services.takeChanges(), EndpointSliceChanges: slices.takeChanges(), Triggers: slices.triggers.take()}
@@ -288,25 +313,27 @@ func Run(ctx context.Context, cfg Config, apply func(Update)) error {
 		apply(u)
 		select {
 		case <-ctx.Done():
-			return nil
+			return
 		case <-changed:
 		}
+		// A reservation spends its token now, even when it has to wait
+		// for it: the wait is the delay it reports.
 		now := time.Now()
-		wait := changes.Take(now)
+		delay := changes.ReserveN(now, 1).DelayFrom(now)
 		if servicesChanged.Swap(false) {
-			wait = max(wait, rules.Take(now))
+			delay = max(delay, rules.ReserveN(now, 1).DelayFrom(now))
 		}
 		select {
 		case <-ctx.Done():
-			return nil
-		case <-time.After(wait):
+			return
+		case <-time.After(delay):
 		}
 	}
 }
 
 // listWatch lists and watches with the typed client's List and Watch,
-// after tweak sets the selectors.
-func listWatch[L runtime.Object](tweak func(*metav1.ListOptions),
+// after tweak sets the selectors, and tells failed of each error.
+func listWatch[L runtime.Object](failed func(error), tweak func(*metav1.ListOptions),
 	list func(context.Context, metav1.ListOptions) (L, error),
 	watch func(context.Context, metav1.ListOptions) (apiwatch.Interface, error),
 ) cache.ListerWatcher {
@@ -316,11 +343,19 @@ func listWatch[L runtime.Object](tweak func(*metav1.ListOptions),
 	return &plainList{ListWatch: cache.ListWatch{
 		ListWithContextFunc: func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
 			tweak(&o)
-			return list(ctx, o)
+			l, err := list(ctx, o)
+			if err != nil {
+				failed(err)
+			}
+			return l, err
 		},
 		WatchFuncWithContext: func(ctx context.Context, o metav1.ListOptions) (apiwatch.Interface, error) {
 			tweak(&o)
-			return watch(ctx, o)
+			w, err := watch(ctx, o)
+			if err != nil {
+				failed(err)
+			}
+			return w, err
 		},
 	}}
 }

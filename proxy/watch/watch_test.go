@@ -1,12 +1,20 @@
 package watch
 
 import (
+	"context"
+	"net"
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/sirupsen/logrus"
+	logtest "github.com/sirupsen/logrus/hooks/test"
 	v1 "k8s.io/api/core/v1"
 	discovery "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/wait"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
 )
 
 // TestStoreTriggers: a slice's trigger time is taken once per new value,
@@ -71,5 +79,44 @@ func TestStoreCountsChanges(t *testing.T) {
 	}
 	if got := s.takeChanges(); got != 0 {
 		t.Errorf("taken twice: %d; want 0 the second time", got)
+	}
+}
+
+// TestRunSaysWhyItWaits: while the API server cannot be reached, Run keeps
+// saying that nothing is served yet, with the error of the last list, and
+// returns once its context is done.
+func TestRunSaysWhyItWaits(t *testing.T) {
+	// A loopback port with nobody listening: every list is refused.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	client, err := kubernetes.NewForConfig(&rest.Config{Host: "http://" + addr})
+	if err != nil {
+		t.Fatal(err)
+	}
+	log, hook := logtest.NewNullLogger()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		Run(ctx, Config{Client: client, WaitReport: 100 * time.Millisecond, Log: log}, func(Update) {
+			t.Error("apply called without the first lists")
+		})
+	}()
+	defer func() { cancel(); <-done }()
+	err = wait.PollUntilContextTimeout(ctx, 20*time.Millisecond, time.Minute, true, func(context.Context) (bool, error) {
+		for _, e := range hook.AllEntries() {
+			if strings.HasPrefix(e.Message, "Still waiting for the first lists") {
+				got, _ := e.Data[logrus.ErrorKey].(error)
+				return got != nil && strings.Contains(got.Error(), "connection refused"), nil
+			}
+		}
+		return false, nil
+	})
+	if err != nil {
+		t.Fatalf("no \"Still waiting\" line with the list's error: %v; lines: %v", err, hook.AllEntries())
 	}
 }
