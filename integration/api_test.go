@@ -15,6 +15,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/kubernetes"
 
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/internal/kubetestenv"
@@ -268,18 +269,18 @@ func TestServiceStoryThroughTheAPI(t *testing.T) {
 
 	proxy := startAPIProxy(t, env, l, l.Node, "node-1")
 	url := fmt.Sprintf("http://%s/", lab.ClusterIP)
-	// eventually retries f until it succeeds or 5s pass; the API is
-	// asynchronous (controller, watch), so this is waiting for a signal we
-	// cannot subscribe to from here.
+	// eventually retries f until it succeeds or 5s pass (apimachinery's
+	// poll); the API is asynchronous (controller, watch), so this is
+	// waiting for a signal we cannot subscribe to from here.
 	eventually := func(t *testing.T, what string, f func() error) time.Duration {
 		t.Helper()
 		start := time.Now()
 		var err error
-		for time.Since(start) < 5*time.Second {
-			if err = f(); err == nil {
-				return time.Since(start)
-			}
-			time.Sleep(20 * time.Millisecond)
+		if wait.PollUntilContextTimeout(ctx, 20*time.Millisecond, 5*time.Second, true, func(context.Context) (bool, error) {
+			err = f()
+			return err == nil, nil
+		}) == nil {
+			return time.Since(start)
 		}
 		slices, _ := c.DiscoveryV1().EndpointSlices(ns).List(ctx, metav1.ListOptions{})
 		var eps []string

@@ -8,7 +8,7 @@ import (
 	"sync"
 	"time"
 
-	"golang.org/x/sys/unix"
+	"github.com/vishvananda/netns"
 )
 
 // Forward makes target (an address on this process's own loopback, such as
@@ -109,27 +109,27 @@ func (n *NS) visit(f func() error) error {
 	done := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()
-		home, err := unix.Open("/proc/thread-self/ns/net", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		home, err := netns.Get()
 		if err != nil {
 			runtime.UnlockOSThread()
 			done <- err
 			return
 		}
-		defer unix.Close(home)
-		fd, err := unix.Open("/var/run/netns/"+n.Name, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		defer home.Close()
+		ns, err := netns.GetFromName(n.Name)
 		if err != nil {
 			runtime.UnlockOSThread()
 			done <- err
 			return
 		}
-		defer unix.Close(fd)
-		if err := unix.Setns(fd, unix.CLONE_NEWNET); err != nil {
+		defer ns.Close()
+		if err := netns.Set(ns); err != nil {
 			runtime.UnlockOSThread()
 			done <- err
 			return
 		}
 		err = f()
-		if unix.Setns(home, unix.CLONE_NEWNET) == nil {
+		if netns.Set(home) == nil {
 			runtime.UnlockOSThread()
 		}
 		done <- err

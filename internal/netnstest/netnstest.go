@@ -11,7 +11,7 @@ import (
 	"runtime"
 	"testing"
 
-	"golang.org/x/sys/unix"
+	"github.com/vishvananda/netns"
 )
 
 // Run runs f on a thread that has entered a new network namespace, with
@@ -45,14 +45,14 @@ func Run(t *testing.T, f func()) {
 		// not start children with Pdeathsig: they would die with the
 		// thread.)
 		runtime.LockOSThread()
-		fd, err := unix.Open("/var/run/netns/"+name, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		ns, err := netns.GetFromName(name)
 		if err != nil {
-			t.Errorf("open netns: %v", err)
+			t.Errorf("open netns %s: %v", name, err)
 			return
 		}
-		defer unix.Close(fd)
-		if err := unix.Setns(fd, unix.CLONE_NEWNET); err != nil {
-			t.Errorf("setns: %v", err)
+		defer ns.Close()
+		if err := netns.Set(ns); err != nil {
+			t.Errorf("enter netns %s: %v", name, err)
 			return
 		}
 		f()
