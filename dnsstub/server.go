@@ -1,8 +1,10 @@
 package dnsstub
 
 import (
+	"cmp"
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"strings"
 	"sync"
@@ -18,13 +20,22 @@ import (
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/internal/logthrottle"
 )
 
+// Defaults of the flags that set the stub: --cluster-domain and --dns-ttl.
+const (
+	// DefaultDomain is kubelet's and kubeadm's cluster domain.
+	DefaultDomain = "cluster.local"
+	// DefaultTTL is CoreDNS's kubernetes plugin's.
+	DefaultTTL = 5 * time.Second
+)
+
 // Config says what the stub answers and where it forwards the rest. Zero
 // fields take the defaults their comments give.
 type Config struct {
 	// Domain is the cluster domain (--cluster-domain). Empty means
-	// "cluster.local".
+	// DefaultDomain.
 	Domain string
-	// TTL is the TTL of every record. Zero means 5s, CoreDNS's default.
+	// TTL is the TTL of every record, 1s to 1h (--dns-ttl). Zero means
+	// DefaultTTL.
 	TTL time.Duration
 	// Upstreams are the servers names outside the domain go to, as
 	// host:port. Empty means none: such names get SERVFAIL.
@@ -49,6 +60,34 @@ type Config struct {
 	Log logrus.FieldLogger
 }
 
+// Validate reports every setting of c that NewServer cannot take, each
+// named by its flag.
+func (c Config) Validate() error {
+	var errs []error
+	if d := c.Domain; d != "" {
+		if _, ok := dns.IsDomainName(d); !ok || strings.Trim(d, ".") == "" {
+			errs = append(errs, fmt.Errorf("--cluster-domain %q: not a domain name (want such as %s)", d, DefaultDomain))
+		}
+	}
+	if c.TTL != 0 && (c.TTL < time.Second || c.TTL > time.Hour) {
+		errs = append(errs, fmt.Errorf("--dns-ttl %s: want 1s to 1h", c.TTL))
+	}
+	if c.PodRecords != "" {
+		if _, err := ParsePodRecords(string(c.PodRecords)); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	for _, u := range c.Upstreams {
+		if _, err := ParseUpstream(u); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if c.ForwardTimeout < 0 || c.MaxConcurrentForwards < 0 || c.MaxTCPConnections < 0 {
+		errs = append(errs, fmt.Errorf("DNS stub bounds: forward timeout %s, %d forwards, %d TCP connections: want 0 (the default) or more", c.ForwardTimeout, c.MaxConcurrentForwards, c.MaxTCPConnections))
+	}
+	return errors.Join(errs...)
+}
+
 // Server is the DNS stub: a dns.Handler that answers from the current Zone.
 // It is safe for concurrent use; SetZone swaps the zone whole.
 type Server struct {
@@ -68,15 +107,11 @@ type Server struct {
 // until SetZone gives it a zone (a missing zone must not look like a missing
 // name).
 func NewServer(cfg Config) (*Server, error) {
-	if cfg.Domain == "" {
-		cfg.Domain = "cluster.local"
+	if err := cfg.Validate(); err != nil {
+		return nil, err
 	}
-	if _, ok := dns.IsDomainName(cfg.Domain); !ok || strings.Trim(cfg.Domain, ".") == "" {
-		return nil, errors.New("--cluster-domain " + cfg.Domain + ": not a domain name")
-	}
-	if cfg.TTL == 0 {
-		cfg.TTL = 5 * time.Second
-	}
+	cfg.Domain = cmp.Or(cfg.Domain, DefaultDomain)
+	cfg.TTL = cmp.Or(cfg.TTL, DefaultTTL)
 	if cfg.ForwardTimeout == 0 {
 		cfg.ForwardTimeout = 2 * time.Second
 	}
@@ -88,9 +123,6 @@ func NewServer(cfg Config) (*Server, error) {
 	}
 	if cfg.PodRecords == "" {
 		cfg.PodRecords = PodsInsecure
-	}
-	if _, err := ParsePodRecords(string(cfg.PodRecords)); err != nil {
-		return nil, err
 	}
 	s := &Server{podRecords: cfg.PodRecords, origin: dns.Fqdn(strings.ToLower(cfg.Domain)), ttl: cfg.TTL, cfg: cfg, log: cfg.Log,
 		forwards: make(chan struct{}, cfg.MaxConcurrentForwards)}

@@ -105,7 +105,7 @@ func TestBadInputExitsOne(t *testing.T) {
 		want string
 	}{
 		{[]string{"--manifests", "x", "--bind-address", "127.0.0.1"}, "--bind-address 127.0.0.1: cannot proxy on a loopback"},
-		{[]string{"--config", badConfig, "--manifests", "x"}, `KubeProxyConfiguration.portRange: Invalid value: "9-1"`},
+		{[]string{"--config", badConfig, "--manifests", "x"}, `--proxy-port-range "9-1"`},
 		{[]string{"--mode", "ipvs", "--manifests", "x"}, `--mode "ipvs"`},
 	} {
 		out, err := exec.Command(tools.Proxy, tt.args...).CombinedOutput()

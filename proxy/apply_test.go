@@ -33,7 +33,7 @@ func (r *recorder) Sync(s service.Snapshot, binds userspace.Binds) (map[service.
 
 func (r *recorder) CloseUnused() { r.steps = append(r.steps, "close") }
 
-func (r *recorder) mode() string { return "recording" }
+func (r *recorder) mode() Mode { return "recording" }
 func (r *recorder) ipv6() bool   { return true }
 func (r *recorder) binds(*service.Port) []netip.AddrPort {
 	return []netip.AddrPort{netip.MustParseAddrPort("0.0.0.0:40000")}

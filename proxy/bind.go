@@ -1,7 +1,6 @@
 package proxy
 
 import (
-	"errors"
 	"fmt"
 	"net/netip"
 
@@ -20,7 +19,7 @@ type bindFrontend struct {
 	nodePortAddresses []netip.Prefix
 }
 
-func (f *bindFrontend) mode() string { return ModeBind }
+func (f *bindFrontend) mode() Mode { return ModeBind }
 
 // ipv6 is false: IPv6 addresses carry no label, so bind mode could not
 // tell its addresses from the node's own (see localaddr); the IPv6 halves
@@ -105,8 +104,8 @@ func dedupe(ips []netip.Addr) []netip.Addr {
 }
 
 func newBind(cfg *Config, log logrus.FieldLogger) (*bindFrontend, error) {
-	if a := cfg.Listeners.BindAddress; a.IsValid() && !a.IsUnspecified() {
-		return nil, errors.New("--bind-address applies to redirect mode only: in bind mode listeners bind the Service addresses themselves")
+	if err := bindAddressFits(cfg); err != nil {
+		return nil, err
 	}
 	device, err := localaddr.Open(proxyToken(cfg.ServiceProxyName))
 	if err != nil {

@@ -76,12 +76,5 @@ func newDNS(cfg *Config) (*dnsstub.Server, error) {
 			return nil, errors.New("/etc/resolv.conf names no DNS server we can forward to (loopback ones are skipped): set --dns-upstream")
 		}
 	}
-	return dnsstub.NewServer(dnsstub.Config{
-		Domain:     cfg.ClusterDomain,
-		TTL:        cfg.DNSTTL,
-		PodRecords: cfg.DNSPodRecords,
-		Upstreams:  ups,
-		Registerer: cfg.Registry,
-		Log:        cfg.log(),
-	})
+	return dnsstub.NewServer(cfg.dnsConfig(ups))
 }

@@ -12,24 +12,12 @@ import (
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/service"
 )
 
-// Modes: how Service traffic reaches our listeners (--mode).
-const (
-	// ModeRedirect: iptables nat rules redirect each Service address to a
-	// listener on a port of its own. The default; the legacy userspace mode.
-	ModeRedirect = "redirect"
-	// ModeBind: no netfilter at all. Service addresses become addresses of
-	// the node and the listeners bind them directly.
-	ModeBind = "bind"
-	// ModeAuto: redirect when the kernel can NAT, else bind.
-	ModeAuto = "auto"
-)
-
 // A frontend is how Service traffic reaches our listeners: the one part that
 // differs between modes. Everything else (sources, snapshots, listeners,
 // balancing, splicing) is shared.
 type frontend interface {
 	// mode is the mode's name, for logs and /proxyMode.
-	mode() string
+	mode() Mode
 	// ipv6 reports whether the IPv6 halves of service ports can be
 	// served.
 	ipv6() bool
@@ -54,12 +42,8 @@ type frontend interface {
 // is the probe: if the kernel or iptables cannot, bind mode is used, and one
 // log line says why.
 func newFrontend(cfg *Config, log logrus.FieldLogger, listeners *userspace.Listeners, restoreFailures prometheus.Counter) (frontend, error) {
-	mode := cfg.Mode
-	if mode == "" {
-		mode = ModeRedirect
-	}
-	switch mode {
-	case ModeRedirect:
+	switch cfg.Mode {
+	case "", ModeRedirect:
 		f, err := newRedirect(cfg, log, listeners, restoreFailures)
 		if err != nil {
 			return nil, err
@@ -91,7 +75,7 @@ func newFrontend(cfg *Config, log logrus.FieldLogger, listeners *userspace.Liste
 		dropSourcePreservation(cfg, log, listeners)
 		return b, nil
 	default:
-		return nil, fmt.Errorf("--mode %q: want redirect, bind or auto", mode)
+		return nil, fmt.Errorf("--mode %q: want redirect, bind or auto", cfg.Mode)
 	}
 }
 

@@ -13,6 +13,7 @@
 package proxy
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -55,17 +56,18 @@ type Config struct {
 	// without the label (--service-proxy-name).
 	ServiceProxyName string
 	// MinSyncPeriod is the least time between two applies of cluster
-	// changes (--iptables-min-sync-period). Zero means 1s.
+	// changes (--iptables-min-sync-period). Zero means
+	// watch.DefaultMinSyncPeriod.
 	MinSyncPeriod time.Duration
 	// ConfigSyncPeriod is the informers' resync (--config-sync-period).
-	// Zero means 15m.
+	// Zero means watch.DefaultResyncPeriod.
 	ConfigSyncPeriod time.Duration
 	// Listeners configures the listeners: bind address, port range,
 	// timeouts.
 	Listeners userspace.Config
 	// Mode is how Service traffic reaches the listeners: ModeRedirect (the
 	// default when empty), ModeBind or ModeAuto (--mode).
-	Mode string
+	Mode Mode
 	// Backend is the iptables backend to write to in redirect mode; empty
 	// means detect it.
 	Backend iptables.Backend
@@ -76,20 +78,21 @@ type Config struct {
 	NodeName string
 	// SyncPeriod is how often everything is applied again even without a
 	// change, which puts back rules that someone else deleted and forgets
-	// stale affinity pins. Zero means 30s (kube-proxy's
-	// --iptables-sync-period).
+	// stale affinity pins (--iptables-sync-period). Zero means
+	// DefaultSyncPeriod.
 	SyncPeriod time.Duration
 	// ClusterDNS is the cluster DNS IP (kubelet's clusterDNS, --cluster-dns):
 	// when set, the embedded DNS stub answers port 53 there, UDP and TCP,
 	// for pods and for the node. Unset means no DNS stub.
 	ClusterDNS netip.Addr
 	// ClusterDomain is the DNS domain of the cluster (--cluster-domain).
-	// Empty means "cluster.local".
+	// Empty means dnsstub.DefaultDomain.
 	ClusterDomain string
 	// DNSUpstreams are the servers other names are forwarded to, host:port
 	// (--dns-upstream). Empty means the node's /etc/resolv.conf.
 	DNSUpstreams []string
-	// DNSTTL is the TTL of the stub's records. Zero means 5s.
+	// DNSTTL is the TTL of the stub's records (--dns-ttl). Zero means
+	// dnsstub.DefaultTTL.
 	DNSTTL time.Duration
 	// DNSPodRecords is how the stub answers pod records
 	// (--dns-pod-records). Empty means insecure, as kubeadm's CoreDNS.
@@ -121,10 +124,7 @@ type Config struct {
 const DefaultShutdownGracePeriod = 10 * time.Second
 
 func (c *Config) syncPeriod() time.Duration {
-	if c.SyncPeriod > 0 {
-		return c.SyncPeriod
-	}
-	return 30 * time.Second
+	return cmp.Or(c.SyncPeriod, DefaultSyncPeriod)
 }
 
 func (c *Config) log() logrus.FieldLogger {
@@ -142,6 +142,9 @@ func Run(ctx context.Context, cfg Config) error {
 	log := cfg.log()
 	if cfg.Manifests == "" && cfg.Kubernetes == nil {
 		return errors.New("no source of Services: give --manifests PATH, or a cluster (--kubeconfig, --master, or in-cluster)")
+	}
+	if err := cfg.Validate(); err != nil {
+		return err
 	}
 	if cfg.Registry == nil {
 		// kube-proxy's own go_* and process_* metrics too: goroutines,

@@ -36,7 +36,7 @@ type family struct {
 	forced   bool                // write at the next point even if rules are unchanged
 }
 
-func (f *redirectFrontend) mode() string { return ModeRedirect }
+func (f *redirectFrontend) mode() Mode { return ModeRedirect }
 func (f *redirectFrontend) ipv6() bool   { return f.v6.table != nil }
 
 func (f *redirectFrontend) binds(p *service.Port) []netip.AddrPort {

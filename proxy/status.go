@@ -19,17 +19,17 @@ import (
 // ProxyModeName is what /proxyMode answers for each mode. kube-proxy answers
 // its mode's name there ("iptables", "ipvs"); the legacy userspace mode
 // answered "userspace", which our redirect mode is.
-func ProxyModeName(mode string) string {
+func ProxyModeName(mode Mode) string {
 	if mode == ModeRedirect {
 		return "userspace"
 	}
-	return mode
+	return string(mode)
 }
 
 // serveStatus serves kube-proxy's /proxyMode, and our /metrics, on addr
 // until ctx is done; with profiling, Go's /debug/pprof too (kube-proxy's
 // --profiling).
-func serveStatus(ctx context.Context, addr, mode string, reg *prometheus.Registry, profiling bool, log logrus.FieldLogger) error {
+func serveStatus(ctx context.Context, addr string, mode Mode, reg *prometheus.Registry, profiling bool, log logrus.FieldLogger) error {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return fmt.Errorf("--metrics-bind-address %s: %w", addr, err)

@@ -2,10 +2,10 @@ package main
 
 import (
 	"fmt"
-	"net"
 	"net/netip"
 	"os"
 	"reflect"
+	"slices"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -13,8 +13,6 @@ import (
 	"k8s.io/apimachinery/pkg/util/validation/field"
 	proxyconfig "k8s.io/kube-proxy/config/v1alpha1"
 	"sigs.k8s.io/yaml"
-
-	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/portalloc"
 )
 
 // The configuration file is kube-proxy's own (--config): a
@@ -29,8 +27,10 @@ const (
 )
 
 // loadConfig reads path and applies it to the options whose flags were not
-// set on the command line. Every invalid field is reported, by its path in
-// the file.
+// set on the command line. It only maps fields to flags: the values are
+// then checked as the flags' own are (options.config), and those messages
+// name the flag; a field that cannot even be parsed is reported here, by
+// its path in the file.
 func (o *options) loadConfig(path string, flags *pflag.FlagSet, log logrus.FieldLogger) error {
 	data, err := os.ReadFile(path)
 	if err != nil {
@@ -44,100 +44,40 @@ func (o *options) loadConfig(path string, flags *pflag.FlagSet, log logrus.Field
 	if c.APIVersion != configAPIVersion || c.Kind != configKind {
 		return fmt.Errorf("--config %s: apiVersion %q, kind %q: want apiVersion %s, kind %s", path, c.APIVersion, c.Kind, configAPIVersion, configKind)
 	}
-	root := field.NewPath(configKind)
 	var errs field.ErrorList
-	set := func(flag string, apply func()) {
-		if !flags.Changed(flag) {
+	// set applies a field that is set (not its zero value) unless the
+	// flag was given.
+	set := func(flag string, isSet bool, apply func()) {
+		if isSet && !flags.Changed(flag) {
 			apply()
 		}
 	}
-	if cc := c.ClientConnection; cc.Kubeconfig != "" {
-		set("kubeconfig", func() { o.kubeconfig = cc.Kubeconfig })
-	}
-	if cc := c.ClientConnection; cc.QPS < 0 {
-		errs = append(errs, field.Invalid(root.Child("clientConnection", "qps"), cc.QPS, "must be 0 (the default, 5) or more"))
-	} else if cc.QPS > 0 {
-		set("kube-api-qps", func() { o.apiQPS = cc.QPS })
-	}
-	if cc := c.ClientConnection; cc.Burst < 0 {
-		errs = append(errs, field.Invalid(root.Child("clientConnection", "burst"), cc.Burst, "must be 0 (the default, 10) or more"))
-	} else if cc.Burst > 0 {
-		set("kube-api-burst", func() { o.apiBurst = cc.Burst })
-	}
-	switch ct := c.ClientConnection.ContentType; ct {
-	case "":
-	case "application/json", "application/vnd.kubernetes.protobuf":
-		set("kube-api-content-type", func() { o.apiContentType = ct })
-	default:
-		errs = append(errs, field.NotSupported(root.Child("clientConnection", "contentType"), ct, []string{"application/json", "application/vnd.kubernetes.protobuf"}))
-	}
-	if d := c.IPTables.MinSyncPeriod.Duration; d != 0 {
-		if d < 0 {
-			errs = append(errs, field.Invalid(root.Child("iptables", "minSyncPeriod"), d.String(), "must be 0 or more"))
-		} else {
-			set("iptables-min-sync-period", func() { o.minSyncPeriod = d })
-		}
-	}
-	if d := c.ConfigSyncPeriod.Duration; d != 0 {
-		if d < 0 {
-			errs = append(errs, field.Invalid(root.Child("configSyncPeriod"), d.String(), "must be greater than 0"))
-		} else {
-			set("config-sync-period", func() { o.configSync = d })
-		}
-	}
-	if c.HostnameOverride != "" {
-		set("hostname-override", func() { o.hostnameOverride = c.HostnameOverride })
-	}
+	cc := c.ClientConnection
+	set("kubeconfig", cc.Kubeconfig != "", func() { o.kubeconfig = cc.Kubeconfig })
+	set("kube-api-qps", cc.QPS != 0, func() { o.apiQPS = cc.QPS })
+	set("kube-api-burst", cc.Burst != 0, func() { o.apiBurst = cc.Burst })
+	set("kube-api-content-type", cc.ContentType != "", func() { o.apiContentType = cc.ContentType })
+	set("iptables-min-sync-period", c.IPTables.MinSyncPeriod.Duration != 0, func() { o.minSyncPeriod = c.IPTables.MinSyncPeriod.Duration })
+	set("iptables-sync-period", c.IPTables.SyncPeriod.Duration != 0, func() { o.syncPeriod = c.IPTables.SyncPeriod.Duration })
+	set("config-sync-period", c.ConfigSyncPeriod.Duration != 0, func() { o.configSync = c.ConfigSyncPeriod.Duration })
+	set("hostname-override", c.HostnameOverride != "", func() { o.hostnameOverride = c.HostnameOverride })
+	set("healthz-bind-address", c.HealthzBindAddress != "", func() { o.healthzAddr = c.HealthzBindAddress })
+	set("metrics-bind-address", c.MetricsBindAddress != "", func() { o.metricsAddr = c.MetricsBindAddress })
+	set("proxy-port-range", c.PortRange != "", func() { o.proxyPortRange = c.PortRange })
 	if c.BindAddress != "" {
-		if ip, err := netip.ParseAddr(c.BindAddress); err != nil || !ip.Is4() || ip.IsLoopback() {
-			errs = append(errs, field.Invalid(root.Child("bindAddress"), c.BindAddress, "must be a node IPv4 address or 0.0.0.0, not loopback"))
+		if ip, err := netip.ParseAddr(c.BindAddress); err != nil {
+			errs = append(errs, field.Invalid(field.NewPath(configKind, "bindAddress"), c.BindAddress, "must be an IP address: a node IPv4 address or 0.0.0.0"))
 		} else {
-			set("bind-address", func() { o.bindAddress = c.BindAddress })
+			set("bind-address", true, func() { o.bindAddress = ip })
 		}
 	}
-	for name, v := range map[string]*string{"healthzBindAddress": &c.HealthzBindAddress, "metricsBindAddress": &c.MetricsBindAddress} {
-		if *v == "" {
-			continue
-		}
-		if _, _, err := net.SplitHostPort(*v); err != nil {
-			errs = append(errs, field.Invalid(root.Child(name), *v, "must be host:port, such as 0.0.0.0:10256"))
-			continue
-		}
-		if name == "healthzBindAddress" {
-			set("healthz-bind-address", func() { o.healthzAddr = *v })
-		} else {
-			set("metrics-bind-address", func() { o.metricsAddr = *v })
-		}
-	}
-	if c.PortRange != "" {
-		if _, err := portalloc.Parse(c.PortRange); err != nil {
-			errs = append(errs, field.Invalid(root.Child("portRange"), c.PortRange, "must be begin-end, begin+offset, a single port, or empty"))
-		} else {
-			set("proxy-port-range", func() { o.proxyPortRange = c.PortRange })
-		}
-	}
-	if d := c.IPTables.SyncPeriod.Duration; d != 0 {
-		if d < 0 {
-			errs = append(errs, field.Invalid(root.Child("iptables", "syncPeriod"), d.String(), "must be greater than 0"))
-		} else {
-			set("iptables-sync-period", func() { o.syncPeriod = d })
-		}
-	}
-	var cidrs []string
-	for i, a := range c.NodePortAddresses {
+	cidrs := slices.DeleteFunc(slices.Clone(c.NodePortAddresses), func(a string) bool {
 		if a == "primary" {
 			log.Warn(`KubeProxyConfiguration.nodePortAddresses "primary" is not supported; NodePorts are served on all node addresses`)
-			continue
 		}
-		if p, err := netip.ParsePrefix(a); err != nil || !p.Addr().Is4() {
-			errs = append(errs, field.Invalid(root.Child("nodePortAddresses").Index(i), a, "must be an IPv4 CIDR"))
-			continue
-		}
-		cidrs = append(cidrs, a)
-	}
-	if len(cidrs) > 0 {
-		set("nodeport-addresses", func() { o.nodePortAddrs = cidrs })
-	}
+		return a == "primary"
+	})
+	set("nodeport-addresses", len(cidrs) > 0, func() { o.nodePortAddrs = cidrs })
 	switch c.Mode {
 	case "", "userspace":
 	default:
@@ -182,7 +122,7 @@ func warnIgnored(c *proxyconfig.KubeProxyConfiguration, log logrus.FieldLogger) 
 func (o *options) writeConfig(path string) error {
 	c := proxyconfig.KubeProxyConfiguration{
 		HostnameOverride:   o.hostnameOverride,
-		BindAddress:        o.bindAddress,
+		BindAddress:        o.bindAddress.String(),
 		HealthzBindAddress: o.healthzAddr,
 		MetricsBindAddress: o.metricsAddr,
 		PortRange:          o.proxyPortRange,

@@ -24,7 +24,7 @@ func TestBadFlags(t *testing.T) {
 		want string
 	}{
 		{[]string{"--manifests", "x", "--bind-address", "127.0.0.1"}, "--bind-address 127.0.0.1: cannot proxy on a loopback"},
-		{[]string{"--manifests", "x", "--bind-address", "nodeA"}, `--bind-address "nodeA": not an IP address`},
+		{[]string{"--manifests", "x", "--bind-address", "nodeA"}, `invalid argument "nodeA" for "--bind-address" flag`},
 		{[]string{"--manifests", "x", "--bind-address", "fd00::1"}, "only IPv4 is supported"},
 		{[]string{"--manifests", "x", "--proxy-port-range", "9-1"}, `--proxy-port-range "9-1"`},
 		{[]string{"--manifests", "x", "--udp-timeout", "0s"}, "--udp-timeout 0s: must be greater than 0"},
@@ -34,11 +34,16 @@ func TestBadFlags(t *testing.T) {
 		{[]string{"--manifests", "x", "--log-format", "xml"}, `--log-format "xml": want text or json`},
 		{[]string{"--kubeconfig", "/nonexistent/kubeconfig"}, `--kubeconfig "/nonexistent/kubeconfig"`},
 		{[]string{}, "no source of Services: give --manifests PATH, or --kubeconfig/--master, or run in a cluster"},
-		{[]string{"--manifests", "x", "--cluster-dns", "10.96.0"}, `--cluster-dns "10.96.0": not an IPv4 address`},
+		{[]string{"--manifests", "x", "--cluster-dns", "10.96.0"}, `invalid argument "10.96.0" for "--cluster-dns" flag`},
+		{[]string{"--manifests", "x", "--cluster-dns", "fd00::10"}, "--cluster-dns fd00::10: only IPv4 is supported"},
 		{[]string{"--manifests", "x", "--cluster-domain", "bad..domain"}, `--cluster-domain "bad..domain": not a domain name`},
 		{[]string{"--manifests", "x", "--dns-upstream", "dns.example"}, `--dns-upstream "dns.example": want an IP address or IP:port`},
-		{[]string{"--manifests", "x", "--dns-ttl", "0s"}, "--dns-ttl 0s: want 1s to 1h"},
+		{[]string{"--manifests", "x", "--dns-ttl", "0s"}, "--dns-ttl 0s: must be greater than 0"},
+		{[]string{"--manifests", "x", "--dns-ttl", "2h"}, "--dns-ttl 2h0m0s: want 1s to 1h"},
 		{[]string{"--manifests", "x", "--mode", "ipvs"}, `--mode "ipvs": want redirect, bind or auto`},
+		{[]string{"--manifests", "x", "--udp-timeout", "-1s"}, "--udp-timeout -1s: must be greater than 0"},
+		{[]string{"--manifests", "x", "--shutdown-grace-period", "-1s"}, "--shutdown-grace-period -1s: must be 0"},
+		{[]string{"--manifests", "x", "--healthz-bind-address", "nowhere"}, `--healthz-bind-address "nowhere": want host:port`},
 		{[]string{"--manifests", "x", "--mode", "bind", "--bind-address", "10.0.0.1"}, "applies to --mode redirect only"},
 		{[]string{"--manifests", "x", "--nodeport-addresses", "10.0.0.0/33"}, `--nodeport-addresses "10.0.0.0/33": not an IPv4 CIDR`},
 		{[]string{"--manifests", "x", "--dns-pod-records", "always"}, `--dns-pod-records "always": want insecure, verified or disabled`},
@@ -98,13 +103,14 @@ func TestBadConfig(t *testing.T) {
 	tests := []struct{ body, want string }{
 		{"apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nbindAdress: 0.0.0.0\n", `unknown field "bindAdress"`},
 		{"apiVersion: v1\nkind: ConfigMap\n", "want apiVersion kubeproxy.config.k8s.io/v1alpha1, kind KubeProxyConfiguration"},
-		{"apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nbindAddress: 127.0.0.1\n", `KubeProxyConfiguration.bindAddress: Invalid value: "127.0.0.1"`},
-		{"apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nportRange: 9-1\n", `KubeProxyConfiguration.portRange: Invalid value: "9-1"`},
-		{"apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nhealthzBindAddress: nowhere\n", `KubeProxyConfiguration.healthzBindAddress: Invalid value: "nowhere"`},
-		{"apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nnodePortAddresses: [10.0.0.0/40]\n", `KubeProxyConfiguration.nodePortAddresses[0]: Invalid value: "10.0.0.0/40"`},
-		{"apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\niptables: {syncPeriod: -1s}\n", `KubeProxyConfiguration.iptables.syncPeriod: Invalid value: "-1s"`},
-		{"apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nclientConnection: {qps: -1}\n", `KubeProxyConfiguration.clientConnection.qps: Invalid value: -1`},
-		{"apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nclientConnection: {contentType: text/yaml}\n", `KubeProxyConfiguration.clientConnection.contentType: Unsupported value: "text/yaml"`},
+		{"apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nbindAddress: 127.0.0.1\n", "--bind-address 127.0.0.1: cannot proxy on a loopback"},
+		{"apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nbindAddress: node-a\n", `KubeProxyConfiguration.bindAddress: Invalid value: "node-a"`},
+		{"apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nportRange: 9-1\n", `--proxy-port-range "9-1"`},
+		{"apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nhealthzBindAddress: nowhere\n", `--healthz-bind-address "nowhere": want host:port`},
+		{"apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nnodePortAddresses: [10.0.0.0/40]\n", `--nodeport-addresses "10.0.0.0/40": not an IPv4 CIDR`},
+		{"apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\niptables: {syncPeriod: -1s}\n", "--iptables-sync-period -1s: must be greater than 0"},
+		{"apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nclientConnection: {qps: -1}\n", "--kube-api-qps -1, --kube-api-burst 10: both must be greater than 0"},
+		{"apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\nclientConnection: {contentType: text/yaml}\n", `--kube-api-content-type "text/yaml": want`},
 	}
 	for _, tt := range tests {
 		path := filepath.Join(t.TempDir(), "config.yaml")
@@ -113,5 +119,16 @@ func TestBadConfig(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), tt.want) {
 			t.Errorf("config\n%s\nerror %v, want one containing %q", tt.body, err, tt.want)
 		}
+	}
+}
+
+// TestConfigValuesNamedByFlag: a value from --config that fails the flags'
+// rules is reported by its flag, with a pointer to the file it came from.
+func TestConfigValuesNamedByFlag(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "config.yaml")
+	os.WriteFile(path, []byte("apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\niptables: {syncPeriod: -1s}\n"), 0o644)
+	_, err := execute("--config", path, "--manifests", "x")
+	if err == nil || !strings.Contains(err.Error(), "--iptables-sync-period -1s") || !strings.Contains(err.Error(), "--config "+path) {
+		t.Errorf("error %v; want the flag's rule and the file named", err)
 	}
 }

@@ -46,6 +46,6 @@ func dnsStubCommand() *cobra.Command {
 	}
 	cmd.Flags().StringVar(&listen, "listen", "127.0.0.1:5301", "address to listen on, UDP and TCP")
 	cmd.Flags().StringVar(&manifestPath, "manifest", "docs/examples/lab.yaml", "Services to answer")
-	cmd.Flags().StringVar(&domain, "domain", "cluster.local", "cluster domain")
+	cmd.Flags().StringVar(&domain, "domain", dnsstub.DefaultDomain, "cluster domain")
 	return cmd
 }

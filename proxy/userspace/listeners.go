@@ -210,7 +210,42 @@ func (c *Config) log() logrus.FieldLogger {
 
 // ErrLoopbackBind is returned for a loopback --bind-address: iptables REDIRECT
 // and DNAT cannot deliver pod traffic to a loopback address.
-var ErrLoopbackBind = errors.New("cannot proxy on a loopback --bind-address (use 0.0.0.0 or a node address)")
+var ErrLoopbackBind = errors.New("cannot proxy on a loopback --bind-address or config bindAddress (use 0.0.0.0 or a node address)")
+
+// Validate reports every setting of c that New cannot take, each named by
+// its flag.
+func (c *Config) Validate() error {
+	var errs []error
+	switch a := c.BindAddress; {
+	case !a.IsValid():
+	case a.IsLoopback():
+		errs = append(errs, fmt.Errorf("--bind-address %s: %w", a, ErrLoopbackBind))
+	case !a.Is4():
+		errs = append(errs, fmt.Errorf("--bind-address %s: only IPv4 is supported so far (want a node IPv4 address, or 0.0.0.0)", a))
+	}
+	if c.UDPTimeout < 0 {
+		errs = append(errs, fmt.Errorf("--udp-timeout %s: must be greater than 0 (0 means the default, %s)", c.UDPTimeout, DefaultUDPTimeout))
+	}
+	if c.TCPIdleTimeout < 0 {
+		errs = append(errs, fmt.Errorf("--tcp-idle-timeout %s: must be 0 (never) or more", c.TCPIdleTimeout))
+	}
+	if c.HalfCloseTimeout < 0 {
+		errs = append(errs, fmt.Errorf("half-close timeout %s: must be 0 (the default) or more", c.HalfCloseTimeout))
+	}
+	if c.TCPMaxConnectionsPerPort < 0 {
+		errs = append(errs, fmt.Errorf("--tcp-max-connections-per-service-port %d: want 0 (half of --tcp-max-connections) or more", c.TCPMaxConnectionsPerPort))
+	}
+	if c.TCPMaxConnections < 0 || c.UDPMaxSessions < 0 || c.UDPMaxSessionsPerPort < 0 {
+		errs = append(errs, fmt.Errorf("--tcp-max-connections %d, --udp-max-sessions %d, --udp-max-sessions-per-service-port %d: want 0 (the default) or more", c.TCPMaxConnections, c.UDPMaxSessions, c.UDPMaxSessionsPerPort))
+	}
+	if c.MaxPipes < 0 || c.Loops < 0 {
+		errs = append(errs, fmt.Errorf("%d pipes, %d loops: want 0 (the default) or more", c.MaxPipes, c.Loops))
+	}
+	if !c.PreserveSource && len(c.PreserveSourceFrom) > 0 {
+		errs = append(errs, errors.New("--local-pod-cidrs is used by --preserve-source-ip only: add that flag, or drop this one"))
+	}
+	return errors.Join(errs...)
+}
 
 // Listeners is the set of listeners of the node, one per service port, each
 // with one or more sockets. Sync opens and updates them from a Snapshot;
@@ -311,11 +346,8 @@ type socket interface {
 
 // New returns an empty set of listeners.
 func New(cfg Config) (*Listeners, error) {
-	if cfg.BindAddress.IsValid() && cfg.BindAddress.IsLoopback() {
-		return nil, fmt.Errorf("--bind-address %s: %w", cfg.BindAddress, ErrLoopbackBind)
-	}
-	if a := cfg.BindAddress; a.IsValid() && !a.Is4() {
-		return nil, fmt.Errorf("--bind-address %s: only IPv4 bind addresses are supported so far", a)
+	if err := cfg.Validate(); err != nil {
+		return nil, err
 	}
 	if cfg.Metrics == nil {
 		cfg.Metrics, _ = NewMetrics(nil) // registers nothing: cannot fail
