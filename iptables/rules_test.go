@@ -122,3 +122,14 @@ func TestChainsPerProxyName(t *testing.T) {
 		t.Errorf("chains of blue %q, green %q: want distinct from each other and the default, and stable", a.PortalsContainer, b.PortalsContainer)
 	}
 }
+
+func TestParseCounted(t *testing.T) {
+	r, ok := parseCounted("KUP-PORTALS-CONTAINER", `-A KUP-PORTALS-CONTAINER -d 10.96.0.11/32 -p tcp -m comment --comment "default/svc-test-1:http" -m tcp --dport 80 -c 3 180 -j REDIRECT --to-ports 40001`)
+	want := Rule{Chain: "KUP-PORTALS-CONTAINER", Spec: `-A KUP-PORTALS-CONTAINER -d 10.96.0.11/32 -p tcp -m comment --comment "default/svc-test-1:http" -m tcp --dport 80 -j REDIRECT --to-ports 40001`, Packets: 3, Bytes: 180}
+	if !ok || r != want {
+		t.Errorf("parseCounted = %+v, %v; want %+v", r, ok, want)
+	}
+	if _, ok := parseCounted("X", "-N X"); ok {
+		t.Error("a chain declaration parsed as a rule")
+	}
+}

@@ -26,6 +26,7 @@ const (
 // runner is the part of go-iptables' *IPTables that Table uses.
 type runner interface {
 	List(table, chain string) ([]string, error)
+	ListWithCounters(table, chain string) ([]string, error)
 	Insert(table, chain string, pos int, rulespec ...string) error
 	Append(table, chain string, rulespec ...string) error
 	DeleteIfExists(table, chain string, rulespec ...string) error

@@ -11,6 +11,7 @@ import (
 	"github.com/sirupsen/logrus"
 	logtest "github.com/sirupsen/logrus/hooks/test"
 
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/iptables"
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/userspace"
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/service"
 )
@@ -34,7 +35,7 @@ func (r *recorder) Sync(s service.Snapshot, binds userspace.Binds) (map[service.
 func (r *recorder) CloseUnused() { r.steps = append(r.steps, "close") }
 
 func (r *recorder) mode() Mode { return "recording" }
-func (r *recorder) ipv6() bool   { return true }
+func (r *recorder) ipv6() bool { return true }
 func (r *recorder) binds(*service.Port) []netip.AddrPort {
 	return []netip.AddrPort{netip.MustParseAddrPort("0.0.0.0:40000")}
 }
@@ -43,7 +44,8 @@ func (r *recorder) point(service.Snapshot, map[service.Key][]netip.AddrPort, *dn
 	r.steps = append(r.steps, "point")
 	return true, r.pointErr
 }
-func (r *recorder) resync() { r.steps = append(r.steps, "resync") }
+func (r *recorder) rules() ([]iptables.Rule, error) { return nil, nil }
+func (r *recorder) resync()                         { r.steps = append(r.steps, "resync") }
 
 func (r *recorder) name(service.Snapshot) { r.steps = append(r.steps, "name") }
 

@@ -6,6 +6,7 @@ import (
 
 	"github.com/sirupsen/logrus"
 
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/iptables"
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/localaddr"
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/service"
 )
@@ -86,6 +87,9 @@ func (f *bindFrontend) point(s service.Snapshot, bound map[service.Key][]netip.A
 	}
 	return true, f.device.Sync(dedupe(want))
 }
+
+// rules: bind mode writes none.
+func (f *bindFrontend) rules() ([]iptables.Rule, error) { return nil, nil }
 
 // resync does nothing: point makes the device hold exactly its addresses
 // every time.

@@ -32,6 +32,9 @@ type frontend interface {
 	// closed. It may skip writing what it wrote last time, and reports
 	// whether it wrote anything.
 	point(s service.Snapshot, bound map[service.Key][]netip.AddrPort, dns *dnsTarget) (bool, error)
+	// rules lists our rules in the kernel now, with their counters, for
+	// explain; none in bind mode.
+	rules() ([]iptables.Rule, error)
 	// resync forgets what point wrote, so that its next call writes
 	// everything again: the periodic pass, which puts back what someone
 	// else removed from the kernel.

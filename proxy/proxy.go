@@ -22,6 +22,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -192,9 +193,11 @@ func Run(ctx context.Context, cfg Config) error {
 		"source":         sourceName(&cfg),
 	}).Info("Starting kube-userspace-proxy")
 
-	p := &proxier{log: log, listeners: listeners, front: front, dns: dns, health: hl, stats: &syncStats{metrics: hm}}
+	ex := &explainer{listeners: listeners, front: front}
+	p := &proxier{log: log, listeners: listeners, front: front, dns: dns, health: hl, stats: &syncStats{metrics: hm}, published: &ex.state}
 	if stub != nil {
 		p.names = func(s service.Snapshot) { stub.SetZone(dnsstub.NewZone(stub.Domain(), stub.TTL(), s)) }
+		ex.domain = stub.Domain()
 	}
 	snaps := make(chan change, 1)
 	g, ctx := errgroup.WithContext(ctx)
@@ -254,7 +257,7 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	if cfg.MetricsBindAddress != "" {
 		g.Go(func() error {
-			return serveStatus(ctx, cfg.MetricsBindAddress, front.mode(), cfg.Registry, cfg.Profiling, log)
+			return serveStatus(ctx, cfg.MetricsBindAddress, front.mode(), cfg.Registry, cfg.Profiling, ex, log)
 		})
 	}
 	err = g.Wait()
@@ -383,6 +386,9 @@ type proxier struct {
 	stats     *syncStats
 	current   service.Snapshot
 	bound     map[service.Key][]netip.AddrPort
+	// published is where explain reads what the last apply made the
+	// node serve; nil for none.
+	published *atomic.Pointer[applied]
 }
 
 // sockets is what the apply loop asks of the listeners (userspace.Listeners):
@@ -459,6 +465,9 @@ func (p *proxier) apply(s service.Snapshot) {
 	p.listeners.CloseUnused()
 	p.logChanges(s, bound)
 	p.current, p.bound = s, bound
+	if p.published != nil {
+		p.published.Store(&applied{snap: s, bound: bound})
+	}
 	p.health.updated()
 	p.stats.applied(start, s)
 	p.log.WithFields(logrus.Fields{"servicePorts": len(s.Ports), "rulesWritten": wrote, "duration": time.Since(start).Round(time.Microsecond),

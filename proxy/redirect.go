@@ -37,7 +37,7 @@ type family struct {
 }
 
 func (f *redirectFrontend) mode() Mode { return ModeRedirect }
-func (f *redirectFrontend) ipv6() bool   { return f.v6.table != nil }
+func (f *redirectFrontend) ipv6() bool { return f.v6.table != nil }
 
 func (f *redirectFrontend) binds(p *service.Port) []netip.AddrPort {
 	return f.listeners.RedirectBinds(p)
@@ -67,6 +67,21 @@ func (f *redirectFrontend) point(s service.Snapshot, bound map[service.Key][]net
 	wrote4, err4 := f.v4.write(v4)
 	wrote6, err6 := f.v6.write(v6)
 	return wrote4 || wrote6, errors.Join(err4, err6)
+}
+
+func (f *redirectFrontend) rules() ([]iptables.Rule, error) {
+	var out []iptables.Rule
+	for _, t := range []*iptables.Table{f.v4.table, f.v6.table} {
+		if t == nil {
+			continue
+		}
+		rs, err := t.Rules()
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, rs...)
+	}
+	return out, nil
 }
 
 // resync makes the next point write both tables, even when the rules look

@@ -29,7 +29,7 @@ func ProxyModeName(mode Mode) string {
 // serveStatus serves kube-proxy's /proxyMode, and our /metrics, on addr
 // until ctx is done; with profiling, Go's /debug/pprof too (kube-proxy's
 // --profiling).
-func serveStatus(ctx context.Context, addr string, mode Mode, reg *prometheus.Registry, profiling bool, log logrus.FieldLogger) error {
+func serveStatus(ctx context.Context, addr string, mode Mode, reg *prometheus.Registry, profiling bool, explain http.Handler, log logrus.FieldLogger) error {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return fmt.Errorf("--metrics-bind-address %s: %w", addr, err)
@@ -40,12 +40,16 @@ func serveStatus(ctx context.Context, addr string, mode Mode, reg *prometheus.Re
 		io.WriteString(w, ProxyModeName(mode))
 	})
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	// A Service's whole path through the node, for
+	// `kube-userspace-proxy explain`: on the metrics address, which is
+	// loopback by default, as it names every Service and endpoint.
+	mux.Handle("/explain", explain)
 	if profiling {
 		mux.HandleFunc("/debug/pprof/", pprof.Index)
 		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	}
-	log.WithField("address", ln.Addr().String()).Info("Serving /proxyMode and /metrics")
+	log.WithField("address", ln.Addr().String()).Info("Serving /proxyMode, /metrics and /explain")
 	return serveHTTP(ctx, ln, mux)
 }
 

@@ -135,6 +135,20 @@ type Port struct {
 	// Endpoints are the pod addresses (pod IP and targetPort) chosen for
 	// traffic, sorted. Empty means connections are refused.
 	Endpoints []netip.AddrPort
+	// Known are all the endpoints the EndpointSlices list for this port
+	// and family, chosen or not, with their conditions, sorted: what
+	// `explain` shows beside Endpoints.
+	Known []EndpointState
+}
+
+// EndpointState is one endpoint as its EndpointSlice describes it.
+type EndpointState struct {
+	Addr netip.AddrPort
+	// The slice's conditions, an unset one read as kube-proxy reads it
+	// (ready and serving, not terminating).
+	Ready, Serving, Terminating bool
+	// Node is the endpoint's nodeName; empty when the slice gives none.
+	Node string
 }
 
 // AnnotationProxyProtocol, set to "v2" on a Service, makes its TCP ports

@@ -118,6 +118,7 @@ and carries each connection to one of the Service's pods, round robin.`,
 		fmt.Fprintf(os.Stderr, "Error: %v\nRun '%s --help' for the flags.\n", err, c.CommandPath())
 		return err
 	})
+	cmd.AddCommand(explainCommand())
 	f := cmd.Flags()
 	f.StringVar(&o.configFile, "config", "", "a KubeProxyConfiguration file (kubeproxy.config.k8s.io/v1alpha1), as kubeadm writes it; flags given on the command line win")
 	f.StringVar(&o.writeConfigTo, "write-config-to", "", "write the effective settings as a KubeProxyConfiguration to this file and exit")

@@ -182,6 +182,20 @@ func (b *Balancer) Pins() int {
 	return len(b.pins)
 }
 
+// PinsByEndpoint counts the live pins of each endpoint.
+func (b *Balancer) PinsByEndpoint() map[netip.AddrPort]int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	now := b.now()
+	out := map[netip.AddrPort]int{}
+	for _, p := range b.pins {
+		if now.Sub(p.lastUsed) < b.affinity.Timeout {
+			out[p.endpoint]++
+		}
+	}
+	return out
+}
+
 // Has reports whether endpoint is one of the current endpoints.
 func (b *Balancer) Has(endpoint netip.AddrPort) bool {
 	b.mu.Lock()

@@ -96,8 +96,9 @@ func Build(services []*v1.Service, endpointSlices []*discovery.EndpointSlice, no
 					Affinity:        affinity(svc),
 					InternalLocal:   local,
 					ProxyProtocol:   proxyProtocol && proto == service.TCP,
-					Endpoints:       endpoints(bySvc[[2]string{svc.Namespace, svc.Name}], sp.Name, proto, ipv6, local, nodeName),
 				})
+				p := &ports[len(ports)-1]
+				p.Endpoints, p.Known = endpoints(bySvc[[2]string{svc.Namespace, svc.Name}], sp.Name, proto, ipv6, local, nodeName)
 			}
 		}
 	}
@@ -174,8 +175,9 @@ func ingressIPs(svc *v1.Service, ipv6 bool) []netip.Addr {
 	return parseIPs(ss, ipv6)
 }
 
-// endpoints picks the addresses that traffic for one service port goes to.
-func endpoints(svcSlices []*discovery.EndpointSlice, portName string, proto service.Protocol, ipv6, local bool, nodeName string) []netip.AddrPort {
+// endpoints picks the addresses that traffic for one service port goes to,
+// and lists every endpoint it chose from.
+func endpoints(svcSlices []*discovery.EndpointSlice, portName string, proto service.Protocol, ipv6, local bool, nodeName string) (chosen []netip.AddrPort, known []service.EndpointState) {
 	family := discovery.AddressTypeIPv4
 	if ipv6 {
 		family = discovery.AddressTypeIPv6
@@ -193,9 +195,6 @@ func endpoints(svcSlices []*discovery.EndpointSlice, portName string, proto serv
 			if len(ep.Addresses) == 0 {
 				continue
 			}
-			if local && (ep.NodeName == nil || *ep.NodeName != nodeName) {
-				continue
-			}
 			// Only the first address counts, as in kube-proxy: the API
 			// allows one address per endpoint in practice.
 			ip, err := netip.ParseAddr(ep.Addresses[0])
@@ -207,6 +206,14 @@ func endpoints(svcSlices []*discovery.EndpointSlice, portName string, proto serv
 			isReady := c.Ready == nil || *c.Ready
 			isServing := c.Serving == nil || *c.Serving
 			isTerminating := c.Terminating != nil && *c.Terminating
+			node := ""
+			if ep.NodeName != nil {
+				node = *ep.NodeName
+			}
+			known = append(known, service.EndpointState{Addr: addr, Ready: isReady, Serving: isServing, Terminating: isTerminating, Node: node})
+			if local && node != nodeName {
+				continue
+			}
 			switch {
 			case isReady:
 				ready = append(ready, addr)
@@ -215,12 +222,14 @@ func endpoints(svcSlices []*discovery.EndpointSlice, portName string, proto serv
 			}
 		}
 	}
-	chosen := ready
+	chosen = ready
 	if len(chosen) == 0 {
 		chosen = terminating
 	}
 	slices.SortFunc(chosen, netip.AddrPort.Compare)
-	return slices.Compact(chosen)
+	slices.SortFunc(known, func(a, b service.EndpointState) int { return a.Addr.Compare(b.Addr) })
+	known = slices.CompactFunc(known, func(a, b service.EndpointState) bool { return a.Addr == b.Addr })
+	return slices.Compact(chosen), known
 }
 
 // slicePort finds the port of slice s that serves the service port named
