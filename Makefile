@@ -1,7 +1,7 @@
 # kube-userspace-proxy. Every target that touches the network needs root: the
 # lab and the tests create network namespaces and iptables rules inside them.
 #
-#   make demo    the Service story, told by its own output (start here)
+#   make demo    the Service story, told by its own output (start here; KEEP=1 leaves the lab up)
 #   make test    vet, format check, and every test (unit, real iptables, lab)
 #   make bench   loopback benchmarks: our proxy against a direct connection
 #   make bench-modes  redirect mode against bind mode in the lab, with wrk
@@ -23,7 +23,7 @@ KUBE_TESTENV_KEY := $(shell cat hack/kube-testenv/go.sum hack/kube-testenv/build
 export KUBE_TESTENV_BIN ?= $(or $(HOME),/root)/.cache/kube-testenv/$(KUBE_TESTENV_KEY)
 
 # System packages the tests, the lab and the benchmarks run.
-DEB_PACKAGES := iptables iproute2 curl nftables dnsutils
+DEB_PACKAGES := iptables iproute2 curl nftables dnsutils conntrack
 BENCH_PACKAGES := iperf3 wrk haproxy socat nginx-light libnginx-mod-stream strace
 
 .PHONY: all build depcheck kube-testenv test demo soak bench bench-held bench-programming bench-sync bench-modes dnsperf deps bench-deps netbench clean
@@ -62,8 +62,9 @@ test: deps kube-testenv
 	$(GO) test -race -count=1 ./...
 	$(GO) test -run '^$$' -fuzz FuzzAnswer -fuzztime 200000x ./dnsstub/
 
+# make demo KEEP=1 leaves the lab running after the story, to explore it.
 demo: deps build
-	./bin/kup-lab demo
+	./bin/kup-lab demo $(if $(KEEP),--keep)
 
 bench-deps: deps
 	@missing=""; for p in $(BENCH_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \

@@ -428,6 +428,16 @@ func (p *Proc) Signal(sig syscall.Signal) error {
 // Done is closed when the process has exited.
 func (p *Proc) Done() <-chan struct{} { return p.done }
 
+// Running reports whether the process has not exited yet.
+func (p *Proc) Running() bool {
+	select {
+	case <-p.done:
+		return false
+	default:
+		return true
+	}
+}
+
 // Close ends every process the lab started (by PID), then deletes its
 // namespaces, which takes their veths with them. It is safe to call twice.
 func (l *Lab) Close() error {

@@ -212,6 +212,18 @@ func (c *Config) log() logrus.FieldLogger {
 // and DNAT cannot deliver pod traffic to a loopback address.
 var ErrLoopbackBind = errors.New("cannot proxy on a loopback --bind-address or config bindAddress (use 0.0.0.0 or a node address)")
 
+// traceOn reports whether log writes trace lines.
+func traceOn(log logrus.FieldLogger) bool {
+	switch l := log.(type) {
+	case *logrus.Logger:
+		return l.IsLevelEnabled(logrus.TraceLevel)
+	case *logrus.Entry:
+		return l.Logger.IsLevelEnabled(logrus.TraceLevel)
+	default:
+		return false
+	}
+}
+
 // Validate reports every setting of c that New cannot take, each named by
 // its flag.
 func (c *Config) Validate() error {
@@ -279,6 +291,7 @@ type Listeners struct {
 	logDropped, logListenErr *logthrottle.Throttle
 
 	udpSessions atomic.Int64 // UDP sessions of every socket, against Config.UDPMaxSessions
+	trace       bool         // log a line per connection (the logger is at trace level)
 	tcpConns    atomic.Int64 // TCP connections accepted and not yet ended, against Config.TCPMaxConnections
 
 	// localPods are the prefixes whose clients keep their address; nil
@@ -355,6 +368,7 @@ func New(cfg Config) (*Listeners, error) {
 	ls := &Listeners{
 		cfg:    cfg,
 		log:    cfg.log(),
+		trace:  traceOn(cfg.log()),
 		active: make(map[service.Key]*portListener),
 		conns:  make(map[*tcpConn]struct{}),
 		pipes:  newPipePool(cfg.maxPipes(), maxIdlePipes),

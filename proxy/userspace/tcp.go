@@ -233,6 +233,16 @@ func (c *tcpConn) connected() {
 	c.counted = true
 	l.m.ok.Inc()
 	l.m.active.Inc()
+	if l.set.trace {
+		// -v 5: one line per connection, naming both of its sockets'
+		// far ends and the address our socket to the pod has.
+		from := netip.AddrPort{}
+		if sa, err := unix.Getsockname(c.fds[fromBackend]); err == nil {
+			from = addrPortOf(sa)
+		}
+		l.log.WithFields(logrus.Fields{"client": c.client.String(), "endpoint": c.endpoint.String(), "from": from.String(), "attempt": c.attempt + 1}).
+			Trace("Connected: client to endpoint")
+	}
 }
 
 // over is called on the loop when c has ended: it gives back c's place
