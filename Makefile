@@ -7,6 +7,7 @@
 #   make bench-modes  redirect mode against bind mode in the lab, with wrk
 #   make soak    every kind of load at once, good and hostile, for SOAK_DURATION (10m)
 #   make build   the binaries, into bin/
+#   make docs    regenerate docs/life-of-a-connection.md from a lab
 #   make depcheck  fail on an import that runs against cmd -> proxy -> parts -> service
 
 SHELL := /bin/bash
@@ -26,7 +27,7 @@ export KUBE_TESTENV_BIN ?= $(or $(HOME),/root)/.cache/kube-testenv/$(KUBE_TESTEN
 DEB_PACKAGES := iptables iproute2 curl nftables dnsutils conntrack
 BENCH_PACKAGES := iperf3 wrk haproxy socat nginx-light libnginx-mod-stream strace
 
-.PHONY: all build depcheck kube-testenv test demo soak bench bench-held bench-programming bench-sync bench-modes dnsperf deps bench-deps netbench clean
+.PHONY: all build depcheck docs kube-testenv test demo soak bench bench-held bench-programming bench-sync bench-modes dnsperf deps bench-deps netbench clean
 
 all: build
 
@@ -61,6 +62,11 @@ test: deps kube-testenv
 	$(GO) run ./hack/depcheck
 	$(GO) test -race -count=1 ./...
 	$(GO) test -run '^$$' -fuzz FuzzAnswer -fuzztime 200000x ./dnsstub/
+
+# docs: docs/life-of-a-connection.md, made from a lab (its commands' real
+# output); TestLifeOfAConnectionDoc fails when the committed one differs.
+docs: deps build
+	./bin/kup-lab walk -o docs/life-of-a-connection.md
 
 # make demo KEEP=1 leaves the lab running after the story, to explore it.
 demo: deps build

@@ -25,7 +25,7 @@ import (
 
 func main() {
 	root := &cobra.Command{Use: "kup-lab", Short: "Network-namespace lab for kube-userspace-proxy", SilenceUsage: true}
-	root.AddCommand(webCommand(), getCommand(), udpCommand(), manifestCommand(), demoCommand(), benchModesCommand(), dnsCommand(), dnsStubCommand())
+	root.AddCommand(webCommand(), getCommand(), udpCommand(), manifestCommand(), demoCommand(), walkCommand(), benchModesCommand(), dnsCommand(), dnsStubCommand())
 	if err := root.Execute(); err != nil {
 		os.Exit(1)
 	}
