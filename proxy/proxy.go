@@ -1,15 +1,19 @@
-// Package proxy puts the parts together: a source of Services (a manifest
-// for now), the listeners that carry their traffic (package userspace) and
-// the iptables rules that send ClusterIP traffic to those listeners (package
-// iptables). It owns the one loop that applies each new Snapshot, and the
-// order in which a change is applied:
+// Package proxy puts the parts together: a source of Services (a manifest,
+// package manifest, or the API server, package watch), the listeners that
+// carry their traffic (package userspace), the frontend that leads Service
+// addresses to those listeners (iptables rules in redirect mode, local
+// addresses in bind mode), and the DNS stub. It owns the one loop that
+// applies each new Snapshot, and the order in which a change is applied:
 //
 //	open before you point: new listeners are opened before any rule sends
 //	traffic to them;
+//	name once it works: the DNS stub gets the new names only after the
+//	addresses they give lead somewhere;
 //	unpoint before you close: a listener is closed only after the rules no
 //	longer send traffic to it.
 //
-// docs/architecture.md draws the whole picture.
+// It also serves /healthz, /livez, /metrics and /explain. docs/architecture.md
+// draws the whole picture.
 package proxy
 
 import (
