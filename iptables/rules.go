@@ -1,8 +1,8 @@
 // Package iptables points Service addresses at our listeners. The kernel does
 // the smallest job there is: a packet to ClusterIP:port is redirected, by the
-// nat table, to the node port where our listener waits. It knows Linux and
-// iptables, not Kubernetes: it is given Redirects and keeps its own chains
-// equal to them.
+// nat table, to the listener port where our listener waits (a port of the
+// node, but not a NodePort). It knows Linux and iptables, not Kubernetes: it
+// is given Redirects and keeps its own chains equal to them.
 //
 // Chains, and the legacy kube-proxy userspace chain each one stands for:
 //

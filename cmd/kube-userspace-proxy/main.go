@@ -132,7 +132,7 @@ and carries each connection to one of the Service's pods, round robin.`,
 	f.DurationVar(&o.configSync, "config-sync-period", watch.DefaultResyncPeriod, "how often the informers resync their caches")
 	f.StringVar(&o.manifests, "manifests", "", "file or directory of YAML/JSON Services, EndpointSlices and Pods to serve; re-read when it changes")
 	f.TextVar(&o.bindAddress, "bind-address", o.bindAddress, "node IPv4 address the listeners bind to; 0.0.0.0 for all (iptables then uses REDIRECT, otherwise DNAT to this address)")
-	f.StringVar(&o.proxyPortRange, "proxy-port-range", "", "node ports for our listeners: begin-end, begin+offset, or empty for ports the kernel chooses")
+	f.StringVar(&o.proxyPortRange, "proxy-port-range", "", "our listener ports (private plumbing, not NodePorts): begin-end, begin+offset, or empty for ports the kernel chooses")
 	f.DurationVar(&o.udpTimeout, "udp-timeout", userspace.DefaultUDPTimeout, "how long an idle UDP session lives; raise it for protocols whose replies come slowly (DNS over slow upstreams, game servers)")
 	f.DurationVar(&o.tcpIdleTimeout, "tcp-idle-timeout", userspace.DefaultTCPIdleTimeout, "reset a proxied TCP connection that has moved no byte either way for this long (0: never); the default is kube-proxy's conntrack timeout for established connections")
 	f.IntVar(&o.tcpMaxConns, "tcp-max-connections", 0, "most proxied TCP connections at once; more are reset (0: what the open file limit leaves after a reserve, logged at start)")

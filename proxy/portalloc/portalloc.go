@@ -1,5 +1,5 @@
-// Package portalloc hands out the node ports our listeners use
-// (--proxy-port-range). Each service port gets a listener of its own on the
+// Package portalloc hands out our listener ports (--proxy-port-range): ports
+// of the node, never NodePorts. Each service port gets a listener of its own on the
 // node, and the iptables rules send the Service's traffic there; these
 // "proxy ports" are private plumbing, never seen by pods.
 package portalloc
