@@ -9,6 +9,7 @@ COPY . .
 RUN CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o /out/kube-userspace-proxy ./cmd/kube-userspace-proxy
 
 FROM debian:bookworm-slim
+# The same packages as hack/image/packages (make image): a test holds the two together.
 RUN apt-get update && apt-get install -y --no-install-recommends iptables nftables iproute2 \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/kube-userspace-proxy /usr/local/bin/kube-userspace-proxy

@@ -7,6 +7,7 @@
 #   make bench-modes  redirect mode against bind mode in the lab, with wrk
 #   make soak    every kind of load at once, good and hostile, for SOAK_DURATION (10m)
 #   make build   the binaries, into bin/
+#   make image   the node agent's OCI image, built here with no registry (out/image/)
 #   make docs    regenerate docs/life-of-a-connection.md from a lab
 #   make depcheck  fail on an import that runs against cmd -> proxy -> parts -> service
 
@@ -23,11 +24,24 @@ LDFLAGS := -X main.version=$(VERSION)
 KUBE_TESTENV_KEY := $(shell cat hack/kube-testenv/go.sum hack/kube-testenv/build.sh | sha256sum | cut -c1-16)
 export KUBE_TESTENV_BIN ?= $(or $(HOME),/root)/.cache/kube-testenv/$(KUBE_TESTENV_KEY)
 
-# System packages the tests, the lab and the benchmarks run.
-DEB_PACKAGES := iptables iproute2 curl nftables dnsutils conntrack
+# The image: a Debian root filesystem of hack/image/packages made by
+# mmdebstrap, cached per machine under a key of that list and its script,
+# and the static binary, put together by hack/image (go-containerregistry,
+# in a module of its own).
+IMAGE ?= kube-userspace-proxy:dev
+IMAGE_DIR := out/image
+IMAGE_ROOTFS_KEY := $(shell cat hack/image/packages hack/image/rootfs.sh | sha256sum | cut -c1-16)
+export KUP_IMAGE_ROOTFS ?= $(or $(HOME),/root)/.cache/kup-image/rootfs-$(IMAGE_ROOTFS_KEY).tar
+export KUP_IMAGE_ARCHIVE := $(CURDIR)/$(IMAGE_DIR)/kube-userspace-proxy.tar
+
+# System packages the tests, the lab, the image and the real node run:
+# mmdebstrap makes the image's root filesystem; runc and the CNI plugins
+# run the real node's pods (containerd and kubelet are built by
+# hack/kube-testenv).
+DEB_PACKAGES := iptables iproute2 curl nftables dnsutils conntrack mmdebstrap runc containernetworking-plugins
 BENCH_PACKAGES := iperf3 wrk haproxy socat nginx-light libnginx-mod-stream strace
 
-.PHONY: all build depcheck docs kube-testenv test demo soak bench bench-held bench-programming bench-sync bench-modes dnsperf deps bench-deps netbench clean
+.PHONY: all build image depcheck docs kube-testenv test demo soak bench bench-held bench-programming bench-sync bench-modes dnsperf deps bench-deps netbench clean
 
 all: build
 
@@ -36,6 +50,20 @@ build:
 
 depcheck:
 	$(GO) run ./hack/depcheck
+
+# image: out/image/oci (an OCI layout) and out/image/kube-userspace-proxy.tar
+# (a docker-archive: docker load, ctr images import, kind load image-archive).
+# The root filesystem takes about 4.5 minutes the first time on a machine.
+image: deps
+	@if [ ! -s "$(KUP_IMAGE_ROOTFS)" ]; then \
+		echo "building the image's root filesystem into $(KUP_IMAGE_ROOTFS) (about 4.5 minutes, once per machine)"; \
+		mkdir -p "$$(dirname "$(KUP_IMAGE_ROOTFS)")"; \
+		./hack/image/rootfs.sh hack/image/packages "$(KUP_IMAGE_ROOTFS)"; \
+	fi
+	@mkdir -p $(IMAGE_DIR)
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w $(LDFLAGS)" -o $(IMAGE_DIR)/kube-userspace-proxy ./cmd/kube-userspace-proxy
+	cd hack/image && $(GO) run . --rootfs "$(KUP_IMAGE_ROOTFS)" --binary ../../$(IMAGE_DIR)/kube-userspace-proxy \
+		--tag $(IMAGE) --version $(VERSION) --layout ../../$(IMAGE_DIR)/oci --archive ../../$(IMAGE_DIR)/kube-userspace-proxy.tar
 
 # deps installs the Debian packages that are missing (as root).
 deps:
@@ -55,12 +83,13 @@ kube-testenv:
 # The fuzz budget is a count, not a duration: a -fuzztime duration hits a
 # race in Go 1.26's fuzz coordinator (golang/go#75804) that fails with
 # "context deadline exceeded" and no crasher.
-test: deps kube-testenv
+test: deps kube-testenv image
 	@big=$$(git ls-files -z | xargs -0 -r stat -c '%s %n' 2>/dev/null | awk '$$1 > 1048576 {print $$2}'); if [ -n "$$big" ]; then echo "tracked files over 1 MB (build outputs do not belong in git):"; echo "$$big"; exit 1; fi
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
 	$(GO) run ./hack/depcheck
 	$(GO) test -race -count=1 ./...
+	cd hack/image && $(GO) vet ./... && $(GO) test -count=1 ./...
 	$(GO) test -run '^$$' -fuzz FuzzAnswer -fuzztime 200000x ./dnsstub/
 
 # docs: docs/life-of-a-connection.md, made from a lab (its commands' real
