@@ -6,9 +6,14 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
+	"syscall"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/dnsstub"
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/proxy/userspace"
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/service"
 )
 
 // dnsPort is where pods send DNS queries: the cluster DNS IP, port 53.
@@ -32,9 +37,46 @@ func (d *dnsTarget) claims(ip netip.Addr, port uint16) bool {
 
 // openDNS opens the stub's UDP and TCP sockets on one port: at
 // addr:port, or, for port 0, on a port from the proxy port range.
-func openDNS(cfg *Config, addr netip.AddrPort) (net.PacketConn, net.Listener, error) {
+// Sockets the process before this one served the stub on are taken over
+// (carry.go), so that the rules pointing at them stay right.
+func openDNS(cfg *Config, addr netip.AddrPort, c *carrier) (net.PacketConn, net.Listener, error) {
 	var pc net.PacketConn
 	var ln net.Listener
+	udpName, tcpName := dnsSocketName(service.UDP, addr), dnsSocketName(service.TCP, addr)
+	defer func() {
+		if pc != nil && ln != nil {
+			c.keep(udpName, pc.(syscall.Conn))
+			c.keep(tcpName, ln.(syscall.Conn))
+		}
+	}()
+	udpFD, okU := c.take(udpName)
+	tcpFD, okT := c.take(tcpName)
+	if okU && okT {
+		uf, tf := os.NewFile(uintptr(udpFD), udpName), os.NewFile(uintptr(tcpFD), tcpName)
+		defer uf.Close()
+		defer tf.Close()
+		var err1, err2 error
+		pc, err1 = net.FilePacketConn(uf)
+		ln, err2 = net.FileListener(tf)
+		if err1 == nil && err2 == nil {
+			cfg.Listeners.Ports.Reserve(pc.LocalAddr().(*net.UDPAddr).Port)
+			return pc, ln, nil
+		}
+		if pc != nil {
+			pc.Close()
+		}
+		if ln != nil {
+			ln.Close()
+		}
+		pc, ln = nil, nil
+	} else {
+		// One without the other is of no use: the rules name one port.
+		for _, fd := range []int{udpFD, tcpFD} {
+			if fd > 0 {
+				unix.Close(fd)
+			}
+		}
+	}
 	open := func(port int) (int, error) {
 		a := netip.AddrPortFrom(addr.Addr(), uint16(port)).String()
 		var err error

@@ -140,16 +140,12 @@ func (m *healthMetrics) changed(service bool, n int) {
 	}
 }
 
-// serveHealth serves /healthz and /livez on addr until ctx is done, with
+// serveHealth serves /healthz, /livez and /readyz on ln until ctx is done, with
 // kube-proxy's JSON bodies. /healthz also fails while the Node is being
 // deleted or drained, so that load balancers move away from it; /livez,
 // for liveness probes, does not. Without a Node to watch (the manifest
 // source) the node is always eligible.
-func serveHealth(ctx context.Context, addr string, h *health, m *healthMetrics, log logrus.FieldLogger) error {
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
-		return fmt.Errorf("--healthz-bind-address %s: %w", addr, err)
-	}
+func serveHealth(ctx context.Context, ln net.Listener, h *health, m *healthMetrics, log logrus.FieldLogger) error {
 	probe := func(counter *prometheus.CounterVec, withNode bool) http.HandlerFunc {
 		return func(w http.ResponseWriter, _ *http.Request) {
 			healthy, last, now := h.status()
@@ -173,6 +169,19 @@ func serveHealth(ctx context.Context, addr string, h *health, m *healthMetrics, 
 	mux := http.NewServeMux()
 	mux.Handle("/healthz", probe(m.healthz, true))
 	mux.Handle("/livez", probe(m.livez, false))
-	log.WithField("address", ln.Addr().String()).Info("Serving /healthz and /livez")
+	// /readyz is ours (kube-proxy has none): ready once the first sync
+	// is applied, for a DaemonSet's readiness probe, so that an upgrade
+	// moves on only when the new proxy serves.
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
+		healthy, last, _ := h.status()
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		if !healthy || last.IsZero() {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			fmt.Fprintln(w, "not ready: no sync applied yet, or a change waits too long")
+			return
+		}
+		fmt.Fprintln(w, "ok")
+	})
+	log.WithField("address", ln.Addr().String()).Info("Serving /healthz, /livez and /readyz")
 	return serveHTTP(ctx, ln, mux)
 }

@@ -23,6 +23,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
@@ -119,6 +120,11 @@ type Config struct {
 	ShutdownGracePeriod time.Duration
 	// Profiling serves Go's /debug/pprof next to /metrics (--profiling).
 	Profiling bool
+	// HandoffSocket is the unix socket path (--handoff-socket) where a
+	// new proxy takes this one's listening sockets over, and where this
+	// one first takes them from a proxy still running (carry.go). Empty
+	// means no hand-over.
+	HandoffSocket string
 	// Log is where the proxy logs. Nil means logrus' standard logger.
 	Log logrus.FieldLogger
 }
@@ -171,20 +177,54 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	hl := &health{timeout: 2 * cfg.syncPeriod(), now: time.Now}
+	// Before anything is opened: the sockets of the proxy before this
+	// one (carry.go).
+	carry := newCarrier(log, cfg.HandoffSocket)
+	defer carry.close()
 	listeners, err := userspace.New(cfg.Listeners)
 	if err != nil {
 		return err
 	}
 	defer listeners.Close()
+	carried := carry.services()
+	listeners.Adopt(carried)
 	front, err := newFrontend(&cfg, log, listeners, hm.restoreFailures)
 	if err != nil {
 		return err
+	}
+	if rf, ok := front.(*redirectFrontend); ok && len(carried) == 0 && os.Getenv("KUP_NO_REOPEN") == "" {
+		// Nothing handed over: after a crash, the rules still point at
+		// the ports of the listeners before.
+		reopened := rf.reopenFromRules()
+		services := map[string]int{}
+		for name, fd := range reopened {
+			if strings.HasPrefix(name, "svc ") {
+				services[name] = fd
+				delete(reopened, name)
+			}
+		}
+		listeners.Adopt(services)
+		carry.adopt(reopened)
+	}
+	var healthLn, statusLn net.Listener
+	if cfg.HealthzBindAddress != "" {
+		if healthLn, err = carry.listen("healthz", cfg.HealthzBindAddress); err != nil {
+			return fmt.Errorf("--healthz-bind-address %s: %w", cfg.HealthzBindAddress, err)
+		}
+	}
+	if cfg.MetricsBindAddress != "" {
+		if statusLn, err = carry.listen("metrics", cfg.MetricsBindAddress); err != nil {
+			if healthLn != nil {
+				healthLn.Close()
+			}
+			return fmt.Errorf("--metrics-bind-address %s: %w", cfg.MetricsBindAddress, err)
+		}
 	}
 	var dns *dnsTarget
 	var dnsPC net.PacketConn
 	var dnsLn net.Listener
 	if stub != nil {
-		if dnsPC, dnsLn, err = openDNS(&cfg, front.dnsListen(cfg.ClusterDNS)); err != nil {
+		if dnsPC, dnsLn, err = openDNS(&cfg, front.dnsListen(cfg.ClusterDNS), carry); err != nil {
 			return err
 		}
 		dns = &dnsTarget{ip: cfg.ClusterDNS, listen: dnsPC.LocalAddr().(*net.UDPAddr).AddrPort()}
@@ -198,7 +238,9 @@ func Run(ctx context.Context, cfg Config) error {
 	}).Info("Starting kube-userspace-proxy")
 
 	ex := &explainer{listeners: listeners, front: front}
-	p := &proxier{log: log, listeners: listeners, front: front, dns: dns, health: hl, stats: &syncStats{metrics: hm}, published: &ex.state}
+	firstApply := make(chan struct{})
+	p := &proxier{log: log, listeners: listeners, front: front, dns: dns, health: hl, stats: &syncStats{metrics: hm}, published: &ex.state,
+		retired: carry.retired, firstApply: firstApply}
 	if stub != nil {
 		p.names = func(s service.Snapshot) { stub.SetZone(dnsstub.NewZone(stub.Domain(), stub.TTL(), s)) }
 		ex.domain = stub.Domain()
@@ -256,14 +298,18 @@ func Run(ctx context.Context, cfg Config) error {
 	if stub != nil {
 		g.Go(func() error { return stub.Serve(ctx, dnsPC, dnsLn) })
 	}
-	if cfg.HealthzBindAddress != "" {
-		g.Go(func() error { return serveHealth(ctx, cfg.HealthzBindAddress, hl, hm, log) })
+	// Once a new proxy took the sockets over, it answers the probes.
+	httpCtx, stopHTTP := carry.untilRetired(ctx)
+	defer stopHTTP()
+	if healthLn != nil {
+		g.Go(func() error { return serveHealth(httpCtx, healthLn, hl, hm, log) })
 	}
-	if cfg.MetricsBindAddress != "" {
+	if statusLn != nil {
 		g.Go(func() error {
-			return serveStatus(ctx, cfg.MetricsBindAddress, front.mode(), cfg.Registry, cfg.Profiling, ex, log)
+			return serveStatus(httpCtx, statusLn, front.mode(), cfg.Registry, cfg.Profiling, ex, log)
 		})
 	}
+	g.Go(func() error { return carry.serve(ctx, listeners, firstApply) })
 	err = g.Wait()
 	// Stopping: the listeners close, so the kernel refuses new
 	// connections; the established ones get the grace period to finish.
@@ -393,6 +439,12 @@ type proxier struct {
 	// published is where explain reads what the last apply made the
 	// node serve; nil for none.
 	published *atomic.Pointer[applied]
+	// retired is closed once a new proxy took the sockets over: the
+	// rules are its to write from then on (nil: never).
+	retired <-chan struct{}
+	// firstApply is closed after the first successful apply (nil: not
+	// wanted).
+	firstApply chan struct{}
 }
 
 // sockets is what the apply loop asks of the listeners (userspace.Listeners):
@@ -426,15 +478,30 @@ func (p *proxier) loop(ctx context.Context, changes <-chan change, period time.D
 		case <-ctx.Done():
 			return
 		case c := <-changes:
+			if p.isRetired() {
+				continue
+			}
 			p.stats.taken(c)
 			p.apply(c.snap)
 			synced = true
 		case <-tick.C:
-			if synced {
+			if synced && !p.isRetired() {
 				p.front.resync()
 				p.apply(p.current)
 			}
 		}
+	}
+}
+
+// isRetired reports whether a new proxy took over: this one then keeps
+// its connections and listeners as they are, and writes no rule that
+// would undo the new one's.
+func (p *proxier) isRetired() bool {
+	select {
+	case <-p.retired:
+		return true
+	default:
+		return false
 	}
 }
 
@@ -474,6 +541,10 @@ func (p *proxier) apply(s service.Snapshot) {
 	}
 	p.health.updated()
 	p.stats.applied(start, s)
+	if p.firstApply != nil {
+		close(p.firstApply)
+		p.firstApply = nil
+	}
 	p.log.WithFields(logrus.Fields{"servicePorts": len(s.Ports), "rulesWritten": wrote, "duration": time.Since(start).Round(time.Microsecond),
 		"listenersDuration": opened.Sub(start).Round(time.Microsecond), "pointDuration": pointed.Sub(opened).Round(time.Microsecond)}).Debug("Synced")
 }

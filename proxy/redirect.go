@@ -159,6 +159,9 @@ func mappings(rs []iptables.Redirect) map[conntrack.Mapping]bool {
 	return ms
 }
 
+// dnsRuleComment marks the rules that lead to the DNS stub.
+const dnsRuleComment = "kube-userspace-proxy/dns"
+
 // redirects lists the rules for s, and for the DNS stub when dns is not
 // nil. Port 53 of the cluster DNS IP is the stub's, whatever Service uses
 // that address too. An address:port that two service ports claim is given
@@ -168,7 +171,7 @@ func redirects(s service.Snapshot, ports map[service.Key]int, dns *dnsTarget) ([
 	var errs []error
 	if dns != nil {
 		for _, proto := range []string{"udp", "tcp"} {
-			rs = append(rs, iptables.Redirect{Kind: iptables.ClusterIP, IP: dns.ip, Port: dnsPort, Protocol: proto, ToPort: dns.listen.Port(), Comment: "kube-userspace-proxy/dns"})
+			rs = append(rs, iptables.Redirect{Kind: iptables.ClusterIP, IP: dns.ip, Port: dnsPort, Protocol: proto, ToPort: dns.listen.Port(), Comment: dnsRuleComment})
 		}
 	}
 	owner := map[string]service.Key{}

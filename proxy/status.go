@@ -3,7 +3,6 @@ package proxy
 import (
 	"context"
 	"errors"
-	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -29,11 +28,7 @@ func ProxyModeName(mode Mode) string {
 // serveStatus serves kube-proxy's /proxyMode, and our /metrics, on addr
 // until ctx is done; with profiling, Go's /debug/pprof too (kube-proxy's
 // --profiling).
-func serveStatus(ctx context.Context, addr string, mode Mode, reg *prometheus.Registry, profiling bool, explain http.Handler, log logrus.FieldLogger) error {
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
-		return fmt.Errorf("--metrics-bind-address %s: %w", addr, err)
-	}
+func serveStatus(ctx context.Context, ln net.Listener, mode Mode, reg *prometheus.Registry, profiling bool, explain http.Handler, log logrus.FieldLogger) error {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/proxyMode", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")

@@ -58,6 +58,7 @@ type options struct {
 	metricsAddr      string
 	healthzAddr      string
 	profiling        bool
+	handoffSocket    string
 	configFile       string
 	kubeconfig       string
 	master           string
@@ -152,7 +153,8 @@ and carries each connection to one of the Service's pods, round robin.`,
 	f.StringVar(&o.dnsPodRecords, "dns-pod-records", string(dnsstub.PodsInsecure), "pod records <a-b-c-d>.<namespace>.pod.<cluster-domain>, as CoreDNS's \"pods\" option: insecure (any address, kubeadm's Corefile), verified (only addresses of pods the proxy knows) or disabled")
 	f.StringVar(&o.metricsAddr, "metrics-bind-address", "127.0.0.1:10249", "where /metrics and /proxyMode are served (host:port; empty for nowhere)")
 	f.BoolVar(&o.profiling, "profiling", false, "serve Go's /debug/pprof on --metrics-bind-address")
-	f.StringVar(&o.healthzAddr, "healthz-bind-address", "0.0.0.0:10256", "where /healthz and /livez are served (host:port; empty for nowhere)")
+	f.StringVar(&o.healthzAddr, "healthz-bind-address", "0.0.0.0:10256", "where /healthz, /livez and /readyz are served (host:port; empty for nowhere)")
+	f.StringVar(&o.handoffSocket, "handoff-socket", "", "unix socket path (such as /run/kube-userspace-proxy/handoff.sock) where a restarting proxy takes this one's listening sockets over, so that an upgrade refuses and cuts no connection; empty for no hand-over")
 	f.StringVar(&o.iptablesBackend, "iptables-backend", "auto", "iptables backend: legacy, nft, or auto (the one the node already uses)")
 	f.StringVar(&o.hostnameOverride, "hostname-override", "", "this node's name, for internalTrafficPolicy Local; default the lower-cased hostname")
 	f.BoolVar(&o.cleanup, "cleanup", false, "remove our iptables chains and rules from every backend, then exit")
@@ -301,6 +303,7 @@ func (o *options) config(log logrus.FieldLogger) (proxy.Config, error) {
 		MetricsBindAddress:  o.metricsAddr,
 		HealthzBindAddress:  o.healthzAddr,
 		Profiling:           o.profiling,
+		HandoffSocket:       o.handoffSocket,
 		ClusterDNS:          o.clusterDNS,
 		ClusterDomain:       o.clusterDomain,
 		DNSUpstreams:        upstreams,

@@ -95,6 +95,18 @@ func (r *Range) Allocate(open func(port int) (int, error)) (int, error) {
 	return 0, fmt.Errorf("%w %s", ErrExhausted, r)
 }
 
+// Reserve marks port as handed out: a listener the proxy took over from
+// the process before it holds it. A port outside the range, or a nil
+// range, is left alone.
+func (r *Range) Reserve(port int) {
+	if r == nil || port < r.base || port >= r.base+r.size {
+		return
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.used[port] = true
+}
+
 // kernelTries is how often a nil Range asks the kernel for a port.
 const kernelTries = 8
 

@@ -285,6 +285,9 @@ type Listeners struct {
 	drained chan struct{}
 
 	wantedBinds map[service.Key]map[netip.AddrPort]bool // the sockets the last Sync named
+	// adopted are listening sockets of the process before this one, by
+	// CarriedName, until a Sync serves them (carry.go).
+	adopted map[string]int
 
 	// Failure paths a peer can trigger at will log through these, at
 	// most a line per throttleInterval each.
@@ -461,7 +464,11 @@ func (ls *Listeners) Sync(s service.Snapshot, binds Binds) (map[service.Key][]ne
 			sock, ok := l.sockets[want]
 			if !ok {
 				var err error
-				if sock, err = l.open(want); err != nil {
+				var adopted bool
+				if sock, adopted, err = ls.adopt(l, p.Key(), want); !adopted {
+					sock, err = l.open(want)
+				}
+				if err != nil {
 					errs = append(errs, ls.listenFailed(p, want, err))
 					continue
 				}
@@ -531,6 +538,7 @@ func (ls *Listeners) listenFailed(p *service.Port, want netip.AddrPort, err erro
 func (ls *Listeners) CloseUnused() {
 	ls.mu.Lock()
 	defer ls.mu.Unlock()
+	ls.closeAdopted()
 	for k, l := range ls.active {
 		wanted := ls.wantedBinds[k] // nil: the whole listener goes
 		for want, sock := range l.sockets {
@@ -609,6 +617,7 @@ func (ls *Listeners) Close() {
 	ls.mu.Lock()
 	ls.closed = true
 	ls.closeListeners()
+	ls.closeAdopted()
 	ls.mu.Unlock()
 	ls.connMu.Lock()
 	ls.noConns = true

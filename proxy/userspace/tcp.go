@@ -42,19 +42,35 @@ type tcpSocket struct {
 	backoffUntil time.Time // accepting paused after a failure (EMFILE...) until then
 }
 
-func (l *portListener) listenTCP(addr netip.AddrPort) (socket, error) {
+// openTCP opens a listening TCP socket at addr, ready for a loop: its
+// descriptor, detached from Go's poller, and the address it got.
+func openTCP(addr netip.AddrPort) (int, netip.AddrPort, error) {
 	ln, err := ListenConfig.Listen(context.Background(), network("tcp", addr.Addr()), addr.String())
 	if err != nil {
-		return nil, err
+		return -1, netip.AddrPort{}, err
 	}
 	bound := ln.Addr().(*net.TCPAddr).AddrPort()
 	fd, err := detachFD(ln.(*net.TCPListener))
 	if err != nil {
-		return nil, err
+		return -1, netip.AddrPort{}, err
 	}
 	// Accepted sockets inherit these from the listening one: set once
 	// here, not on every connection.
 	setStreamOptions(fd)
+	return fd, bound, nil
+}
+
+func (l *portListener) listenTCP(addr netip.AddrPort) (socket, error) {
+	fd, bound, err := openTCP(addr)
+	if err != nil {
+		return nil, err
+	}
+	return l.serveTCP(fd, bound)
+}
+
+// serveTCP has a loop accept on the listening socket fd, bound at bound:
+// one just opened, or one a previous process listened on (carry.go).
+func (l *portListener) serveTCP(fd int, bound netip.AddrPort) (socket, error) {
 	s := &tcpSocket{l: l, fd: fd, bound: bound, loop: l.set.loop()}
 	if !s.loop.add(s, unix.EPOLLIN, func(slot, _ int32) { s.slot = slot }, fd) {
 		unix.Close(fd)

@@ -74,9 +74,19 @@ type udpSession struct {
 }
 
 func (l *portListener) listenUDP(addr netip.AddrPort) (socket, error) {
-	c, err := ListenConfig.ListenPacket(context.Background(), network("udp", addr.Addr()), addr.String())
+	fd, bound, err := openUDP(addr)
 	if err != nil {
 		return nil, err
+	}
+	return l.serveUDP(fd, bound)
+}
+
+// openUDP opens a service port's UDP socket at addr, ready for a loop: its
+// descriptor, detached from Go's poller, and the address it got.
+func openUDP(addr netip.AddrPort) (int, netip.AddrPort, error) {
+	c, err := ListenConfig.ListenPacket(context.Background(), network("udp", addr.Addr()), addr.String())
+	if err != nil {
+		return -1, netip.AddrPort{}, err
 	}
 	pc := c.(*net.UDPConn)
 	// Ask the kernel for each datagram's destination address (IP_PKTINFO,
@@ -87,20 +97,27 @@ func (l *portListener) listenUDP(addr netip.AddrPort) (socket, error) {
 	// connection-tracking entry, so the kernel could not rewrite it back to
 	// the ClusterIP and the client would drop it. (Upstream worked around
 	// this with DNAT to a node IP.)
-	dst := pktinfoFor(addr.Addr())
-	if err := dst.enable(pc); err != nil {
+	if err := pktinfoFor(addr.Addr()).enable(pc); err != nil {
 		pc.Close()
-		return nil, err
+		return -1, netip.AddrPort{}, err
 	}
 	bound := pc.LocalAddr().(*net.UDPAddr).AddrPort()
 	fd, err := detachFD(pc)
 	if err != nil {
-		return nil, err
+		return -1, netip.AddrPort{}, err
 	}
+	return fd, bound, nil
+}
+
+// serveUDP has a loop read the service socket fd, bound at bound: one just
+// opened, or one a previous process served (carry.go); either way the
+// kernel already attaches each datagram's destination (IP_PKTINFO), an
+// option of the socket.
+func (l *portListener) serveUDP(fd int, bound netip.AddrPort) (socket, error) {
 	u := &udpSocket{
 		fd:       fd,
 		bound:    bound,
-		dst:      dst,
+		dst:      pktinfoFor(bound.Addr()),
 		set:      l.set,
 		bal:      &l.bal,
 		log:      l.log,
