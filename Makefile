@@ -19,7 +19,8 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo v0.0
 LDFLAGS := -X main.version=$(VERSION)
 
 # The real control plane of the API tests (etcd, kube-apiserver,
-# kube-controller-manager), built once per machine from the Go module proxy
+# kube-controller-manager) and the real node's (kube-scheduler, kubelet,
+# containerd, kubectl), built once per machine from the Go module proxy
 # and cached under a key of its module's go.sum and build script.
 KUBE_TESTENV_KEY := $(shell cat hack/kube-testenv/go.sum hack/kube-testenv/build.sh | sha256sum | cut -c1-16)
 export KUBE_TESTENV_BIN ?= $(or $(HOME),/root)/.cache/kube-testenv/$(KUBE_TESTENV_KEY)
@@ -34,6 +35,12 @@ IMAGE_ROOTFS_KEY := $(shell cat hack/image/packages hack/image/rootfs.sh | sha25
 export KUP_IMAGE_ROOTFS ?= $(or $(HOME),/root)/.cache/kup-image/rootfs-$(IMAGE_ROOTFS_KEY).tar
 export KUP_IMAGE_ARCHIVE := $(CURDIR)/$(IMAGE_DIR)/kube-userspace-proxy.tar
 
+# The real node's other images (make node-images), built like the proxy's:
+# a pause image and the pods' image (kup-lab alone, static), and a second
+# tag of the proxy's image for the upgrade test.
+NODE_IMAGES := out/node-images
+export KUP_NODE_IMAGES := $(CURDIR)/$(NODE_IMAGES)
+
 # System packages the tests, the lab, the image and the real node run:
 # mmdebstrap makes the image's root filesystem; runc and the CNI plugins
 # run the real node's pods (containerd and kubelet are built by
@@ -41,7 +48,7 @@ export KUP_IMAGE_ARCHIVE := $(CURDIR)/$(IMAGE_DIR)/kube-userspace-proxy.tar
 DEB_PACKAGES := iptables iproute2 curl nftables dnsutils conntrack mmdebstrap runc containernetworking-plugins
 BENCH_PACKAGES := iperf3 wrk haproxy socat nginx-light libnginx-mod-stream strace
 
-.PHONY: all build image depcheck docs kube-testenv test demo soak bench bench-held bench-programming bench-sync bench-modes dnsperf deps bench-deps netbench clean
+.PHONY: all build image node-images demo-node depcheck docs kube-testenv test demo soak bench bench-held bench-programming bench-sync bench-modes dnsperf deps bench-deps netbench clean
 
 all: build
 
@@ -75,7 +82,7 @@ deps:
 
 kube-testenv:
 	@if [ ! -x "$(KUBE_TESTENV_BIN)/kube-apiserver" ]; then \
-		echo "building the test control plane into $(KUBE_TESTENV_BIN) (about 9 minutes on a new machine)"; \
+		echo "building the test control plane and node into $(KUBE_TESTENV_BIN) (about 25 minutes on a new machine, once)"; \
 		rm -rf "$(KUBE_TESTENV_BIN).tmp"; \
 		(cd hack/kube-testenv && ./build.sh "$(KUBE_TESTENV_BIN).tmp") && mv "$(KUBE_TESTENV_BIN).tmp" "$(KUBE_TESTENV_BIN)"; \
 	fi
@@ -83,14 +90,32 @@ kube-testenv:
 # The fuzz budget is a count, not a duration: a -fuzztime duration hits a
 # race in Go 1.26's fuzz coordinator (golang/go#75804) that fails with
 # "context deadline exceeded" and no crasher.
-test: deps kube-testenv image
+test: deps kube-testenv image node-images
 	@big=$$(git ls-files -z | xargs -0 -r stat -c '%s %n' 2>/dev/null | awk '$$1 > 1048576 {print $$2}'); if [ -n "$$big" ]; then echo "tracked files over 1 MB (build outputs do not belong in git):"; echo "$$big"; exit 1; fi
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
 	$(GO) run ./hack/depcheck
-	$(GO) test -race -count=1 ./...
+	$(GO) test -race -count=1 $$($(GO) list ./... | grep -v /integration/node)
+	@# The real node last, alone: kubelet's timings want the machine to itself.
+	$(GO) test -race -count=1 -timeout 20m ./integration/node/
 	cd hack/image && $(GO) vet ./... && $(GO) test -count=1 ./...
 	$(GO) test -run '^$$' -fuzz FuzzAnswer -fuzztime 200000x ./dnsstub/
+
+node-images: image
+	@mkdir -p $(NODE_IMAGES)
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w" -o $(NODE_IMAGES)/kup-lab ./cmd/kup-lab
+	cd hack/image && $(GO) run . --binary ../../$(NODE_IMAGES)/kup-lab --path /kup-lab --entrypoint /kup-lab,pause \
+		--tag kup/pause:test --archive ../../$(NODE_IMAGES)/pause.tar
+	cd hack/image && $(GO) run . --binary ../../$(NODE_IMAGES)/kup-lab --path /kup-lab \
+		--tag kup/lab:test --archive ../../$(NODE_IMAGES)/lab.tar
+	cd hack/image && $(GO) run . --rootfs "$(KUP_IMAGE_ROOTFS)" --binary ../../$(IMAGE_DIR)/kube-userspace-proxy \
+		--tag kube-userspace-proxy:v2 --version $(VERSION)-v2 --archive ../../$(NODE_IMAGES)/kube-userspace-proxy-v2.tar
+
+# demo-node: the Service story on a real node (kubelet, containerd, the
+# DaemonSet), told with kubectl. It needs the node's build (make
+# kube-testenv: about 25 minutes on a new machine, once) and the images.
+demo-node: deps kube-testenv node-images
+	./$(NODE_IMAGES)/kup-lab demo-node --bin "$(KUBE_TESTENV_BIN)" --proxy-image "$(KUP_IMAGE_ARCHIVE)" --images "$(KUP_NODE_IMAGES)"
 
 # docs: docs/life-of-a-connection.md, made from a lab (its commands' real
 # output); TestLifeOfAConnectionDoc fails when the committed one differs.

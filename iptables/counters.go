@@ -2,6 +2,7 @@ package iptables
 
 import (
 	"fmt"
+	"os/exec"
 	"strconv"
 	"strings"
 )
@@ -33,6 +34,27 @@ func (t *Table) Rules() ([]Rule, error) {
 		}
 	}
 	return out, nil
+}
+
+// Redirections lists the rules of the nat chains that send the node's
+// own traffic to the listeners (PORTALS and NODEPORT, host), in one
+// iptables-save run: a proxy restarting after a crash reads them first
+// of all, to reopen the listeners they point at, and four listings cost
+// it four times the wait.
+func (t *Table) Redirections() ([]Rule, error) {
+	save := t.family.tool(t.backend, "-save")
+	out, err := exec.Command(save, "-t", "nat").Output()
+	if err != nil {
+		return nil, fmt.Errorf("%s -t nat: %w", save, err)
+	}
+	var rules []Rule
+	for line := range strings.Lines(string(out)) {
+		f := strings.Fields(line)
+		if len(f) > 1 && f[0] == "-A" && (f[1] == t.chains.PortalsHost || f[1] == t.chains.NodePortHost) {
+			rules = append(rules, Rule{Chain: f[1], Spec: strings.TrimSpace(line)})
+		}
+	}
+	return rules, nil
 }
 
 // parseCounted reads one line of "iptables -v -S chain": an "-A chain ..."

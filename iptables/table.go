@@ -70,8 +70,17 @@ type Table struct {
 // iptables-wrapper does: the one holding more rules, nf_tables on a tie. A
 // node with only one of the two gets that one.
 func DetectBackend() (Backend, error) {
-	legacy, errL := countRules("iptables-legacy-save")
+	// Both at once: a proxy restarting after a crash waits for this
+	// before it can reopen its listeners.
+	var legacy int
+	var errL error
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		legacy, errL = countRules("iptables-legacy-save")
+	}()
 	nft, errN := countRules("iptables-nft-save")
+	<-done
 	switch {
 	case errL != nil && errN != nil:
 		return "", fmt.Errorf("no usable iptables (install the iptables package): %w", errors.Join(errL, errN))

@@ -47,6 +47,7 @@ type carrier struct {
 	log  logrus.FieldLogger
 	path string // --handoff-socket; empty: no hand-over
 
+	took  bool // sockets were taken over from a running proxy
 	mu    sync.Mutex
 	taken map[string]int // taken over and not used yet, by name
 	own   map[string]int // dups of the health, metrics and DNS sockets, by name
@@ -74,10 +75,31 @@ func newCarrier(log logrus.FieldLogger, path string) *carrier {
 	for _, s := range socks {
 		c.taken[s.Name] = s.FD
 	}
-	if len(socks) > 0 {
+	c.took = len(socks) > 0
+	if c.took {
 		log.WithFields(logrus.Fields{"sockets": len(socks), "from": path}).Info("Took the listening sockets over from the running proxy")
 	}
 	return c
+}
+
+// waitServing holds back a server whose socket may have been taken over
+// until this process has applied its first sync: the process before it
+// answers on the same socket until it hands over, and a probe or a DNS
+// query that the new process answered before it knows any Service would
+// be wrong ("not ready" from the proxy that serves, SERVFAIL for a name
+// that exists). A process that took nothing serves at once, as
+// kube-proxy's health server does. It reports false when ctx ended
+// first.
+func (c *carrier) waitServing(ctx context.Context, firstApply <-chan struct{}) bool {
+	if !c.took {
+		return true
+	}
+	select {
+	case <-firstApply:
+		return true
+	case <-ctx.Done():
+		return false
+	}
 }
 
 // services gives the service ports' sockets taken over, for
@@ -122,6 +144,32 @@ func (c *carrier) listen(name, addr string) (net.Listener, error) {
 	}
 	c.keep(name, ln.(syscall.Conn))
 	return ln, nil
+}
+
+// listenWhenFree returns ln, or, when ln is nil because another process
+// still held addr at start (a proxy before this one, draining after a
+// restart that could not hand over), listens again every second until it
+// can, or ctx ends (nil). Services matter more than probes: the proxy
+// starts serving them rather than exiting over a port its predecessor
+// will free.
+func (c *carrier) listenWhenFree(ctx context.Context, ln net.Listener, name, addr, flag string) net.Listener {
+	if ln != nil {
+		return ln
+	}
+	c.log.WithField("address", addr).Warn(flag + " is in use, likely by the proxy before this one, still draining: serving it once free")
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-tick.C:
+		}
+		if ln, err := c.listen(name, addr); err == nil {
+			c.log.WithField("address", addr).Info(flag + " is free again")
+			return ln
+		}
+	}
 }
 
 // keep stores a dup of conn's descriptor under name, to hand over.
@@ -220,7 +268,7 @@ func (f *redirectFrontend) reopenFromRules() map[string]int {
 		if fam.table == nil {
 			continue
 		}
-		rules, err := fam.table.Rules()
+		rules, err := fam.table.Redirections()
 		if err != nil {
 			continue // no chains yet: the first start on this node
 		}

@@ -28,6 +28,7 @@ import (
 	"strconv"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -120,6 +121,12 @@ type Config struct {
 	ShutdownGracePeriod time.Duration
 	// Profiling serves Go's /debug/pprof next to /metrics (--profiling).
 	Profiling bool
+	// ReadyFile is a path created once the first sync is applied and
+	// removed when the proxy starts stopping (--ready-file): for an exec
+	// readiness probe that asks this very process. An HTTP probe cannot:
+	// during an upgrade the old and the new proxy share the health port.
+	// Empty means none.
+	ReadyFile string
 	// HandoffSocket is the unix socket path (--handoff-socket) where a
 	// new proxy takes this one's listening sockets over, and where this
 	// one first takes them from a proxy still running (carry.go). Empty
@@ -192,7 +199,7 @@ func Run(ctx context.Context, cfg Config) error {
 	if err != nil {
 		return err
 	}
-	if rf, ok := front.(*redirectFrontend); ok && len(carried) == 0 && os.Getenv("KUP_NO_REOPEN") == "" {
+	if rf, ok := front.(*redirectFrontend); ok && len(carried) == 0 {
 		// Nothing handed over: after a crash, the rules still point at
 		// the ports of the listeners before.
 		reopened := rf.reopenFromRules()
@@ -208,12 +215,12 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	var healthLn, statusLn net.Listener
 	if cfg.HealthzBindAddress != "" {
-		if healthLn, err = carry.listen("healthz", cfg.HealthzBindAddress); err != nil {
+		if healthLn, err = carry.listen("healthz", cfg.HealthzBindAddress); err != nil && !errors.Is(err, syscall.EADDRINUSE) {
 			return fmt.Errorf("--healthz-bind-address %s: %w", cfg.HealthzBindAddress, err)
 		}
 	}
 	if cfg.MetricsBindAddress != "" {
-		if statusLn, err = carry.listen("metrics", cfg.MetricsBindAddress); err != nil {
+		if statusLn, err = carry.listen("metrics", cfg.MetricsBindAddress); err != nil && !errors.Is(err, syscall.EADDRINUSE) {
 			if healthLn != nil {
 				healthLn.Close()
 			}
@@ -296,21 +303,52 @@ func Run(ctx context.Context, cfg Config) error {
 		return nil
 	})
 	if stub != nil {
-		g.Go(func() error { return stub.Serve(ctx, dnsPC, dnsLn) })
+		g.Go(func() error {
+			if !carry.waitServing(ctx, firstApply) {
+				return nil
+			}
+			return stub.Serve(ctx, dnsPC, dnsLn)
+		})
 	}
 	// Once a new proxy took the sockets over, it answers the probes.
 	httpCtx, stopHTTP := carry.untilRetired(ctx)
 	defer stopHTTP()
-	if healthLn != nil {
-		g.Go(func() error { return serveHealth(httpCtx, healthLn, hl, hm, log) })
-	}
-	if statusLn != nil {
+	if cfg.HealthzBindAddress != "" {
 		g.Go(func() error {
-			return serveStatus(httpCtx, statusLn, front.mode(), cfg.Registry, cfg.Profiling, ex, log)
+			ln := carry.listenWhenFree(httpCtx, healthLn, "healthz", cfg.HealthzBindAddress, "--healthz-bind-address")
+			if ln == nil || !carry.waitServing(httpCtx, firstApply) {
+				return nil
+			}
+			return serveHealth(httpCtx, ln, hl, hm, log)
+		})
+	}
+	if cfg.MetricsBindAddress != "" {
+		g.Go(func() error {
+			ln := carry.listenWhenFree(httpCtx, statusLn, "metrics", cfg.MetricsBindAddress, "--metrics-bind-address")
+			if ln == nil || !carry.waitServing(httpCtx, firstApply) {
+				return nil
+			}
+			return serveStatus(httpCtx, ln, front.mode(), cfg.Registry, cfg.Profiling, ex, log)
 		})
 	}
 	g.Go(func() error { return carry.serve(ctx, listeners, firstApply) })
+	if cfg.ReadyFile != "" {
+		g.Go(func() error {
+			select {
+			case <-firstApply:
+			case <-ctx.Done():
+				return nil
+			}
+			if err := os.WriteFile(cfg.ReadyFile, []byte("ready\n"), 0o644); err != nil {
+				log.WithError(err).Error("Could not write --ready-file: the readiness probe will fail")
+			}
+			return nil
+		})
+	}
 	err = g.Wait()
+	if cfg.ReadyFile != "" {
+		os.Remove(cfg.ReadyFile) // not ready from the first moment of stopping
+	}
 	// Stopping: the listeners close, so the kernel refuses new
 	// connections; the established ones get the grace period to finish.
 	if n := listeners.StopAccepting(); n > 0 {

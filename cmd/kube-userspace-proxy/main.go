@@ -59,6 +59,7 @@ type options struct {
 	healthzAddr      string
 	profiling        bool
 	handoffSocket    string
+	readyFile        string
 	configFile       string
 	kubeconfig       string
 	master           string
@@ -154,6 +155,7 @@ and carries each connection to one of the Service's pods, round robin.`,
 	f.StringVar(&o.metricsAddr, "metrics-bind-address", "127.0.0.1:10249", "where /metrics and /proxyMode are served (host:port; empty for nowhere)")
 	f.BoolVar(&o.profiling, "profiling", false, "serve Go's /debug/pprof on --metrics-bind-address")
 	f.StringVar(&o.healthzAddr, "healthz-bind-address", "0.0.0.0:10256", "where /healthz, /livez and /readyz are served (host:port; empty for nowhere)")
+	f.StringVar(&o.readyFile, "ready-file", "", "a file created once the first sync is applied and removed when stopping, for an exec readiness probe (test -e FILE): during an upgrade the old and new proxy share the health port, so an HTTP probe cannot tell which answered; empty for none")
 	f.StringVar(&o.handoffSocket, "handoff-socket", "", "unix socket path (such as /run/kube-userspace-proxy/handoff.sock) where a restarting proxy takes this one's listening sockets over, so that an upgrade refuses and cuts no connection; empty for no hand-over")
 	f.StringVar(&o.iptablesBackend, "iptables-backend", "auto", "iptables backend: legacy, nft, or auto (the one the node already uses)")
 	f.StringVar(&o.hostnameOverride, "hostname-override", "", "this node's name, for internalTrafficPolicy Local; default the lower-cased hostname")
@@ -304,6 +306,7 @@ func (o *options) config(log logrus.FieldLogger) (proxy.Config, error) {
 		HealthzBindAddress:  o.healthzAddr,
 		Profiling:           o.profiling,
 		HandoffSocket:       o.handoffSocket,
+		ReadyFile:           o.readyFile,
 		ClusterDNS:          o.clusterDNS,
 		ClusterDomain:       o.clusterDomain,
 		DNSUpstreams:        upstreams,

@@ -25,7 +25,8 @@ import (
 
 func main() {
 	root := &cobra.Command{Use: "kup-lab", Short: "Network-namespace lab for kube-userspace-proxy", SilenceUsage: true}
-	root.AddCommand(webCommand(), getCommand(), udpCommand(), manifestCommand(), demoCommand(), walkCommand(), benchModesCommand(), dnsCommand(), dnsStubCommand())
+	root.AddCommand(webCommand(), getCommand(), udpCommand(), manifestCommand(), demoCommand(), walkCommand(), benchModesCommand(), dnsCommand(), dnsStubCommand(),
+		pauseCommand(), lookupCommand(), downloadCommand(), loadCommand(), catCommand(), demoNodeCommand())
 	if err := root.Execute(); err != nil {
 		os.Exit(1)
 	}
@@ -69,6 +70,10 @@ func webCommand() *cobra.Command {
 			}()
 			fmt.Printf("serving %q on %s tcp/%d udp/%d\n", text, listen, port, udpPort)
 			return http.Serve(ln, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				if r.URL.Path == "/bytes" {
+					serveBytes(w, r)
+					return
+				}
 				// Echo a request body back after the greeting, so tests can
 				// push bytes through the proxy and check them. The body is
 				// read whole first: once a reply is under way, Go's server

@@ -29,6 +29,7 @@ var layers = map[string]int{
 	"service":              0,
 	"internal/backoff":     0,
 	"internal/logthrottle": 0,
+	"internal/nsvisit":     0,
 	// Parts with one job each, that need nothing but the model.
 	"iptables":        1,
 	"localaddr":       1,
@@ -37,6 +38,7 @@ var layers = map[string]int{
 	"proxy/balancer":  1,
 	"proxy/portalloc": 1,
 	"proxy/manifest":  1,
+	"handoff":         1,
 	// Parts built on those.
 	"proxy/userspace": 2, // the balancer, the port range
 	"proxy/snapshot":  2,
@@ -44,20 +46,22 @@ var layers = map[string]int{
 	"dnsstub":         2,
 	// The composition root.
 	"proxy": 3,
-	// Commands and the lab.
+	// Commands, the lab and the real node's harness.
 	"cmd/kube-userspace-proxy": 4,
 	"internal/lab":             4,
-	"cmd/kup-lab":              5,
+	"internal/kubetestenv":     4,
+	"internal/kubenode":        5, // on kubetestenv
+	"cmd/kup-lab":              6,
 	// Whole-binary tests.
-	"integration": 6,
+	"integration":      7,
+	"integration/node": 7,
 	// Tools.
-	"hack/depcheck": 6,
+	"hack/depcheck": 7,
 }
 
 // testOnly are packages only tests may import.
 var testOnly = map[string]bool{
-	"internal/netnstest":   true,
-	"internal/kubetestenv": true,
+	"internal/netnstest": true,
 }
 
 type pkg struct {

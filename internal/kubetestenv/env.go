@@ -6,9 +6,14 @@
 // patches Pod status, and the real EndpointSlice controller writes the
 // slices the proxy reads. See ../shared/reference/apiserver.md for the
 // recipe and its measurements.
+//
+// With Options the same control plane runs inside a real node's
+// namespaces instead (package kubenode), with the controllers a kubelet's
+// workloads need.
 package kubetestenv
 
 import (
+	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -22,10 +27,13 @@ import (
 	"math/big"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -42,9 +50,41 @@ type Env struct {
 	ProxyTok string                // token of user system:kube-proxy (bound to system:node-proxier)
 	adminTok string
 	procs    map[string]*exec.Cmd
+	order    []string // names in the order they started
 	etcdPort int
 	kcmPort  int
 	bin      string
+	opts     Options
+}
+
+// Options say where the control plane runs. The zero value is the API
+// tests' control plane: on the machine's loopback, on free ports.
+type Options struct {
+	// Wrap goes before every command, e.g. nsenter into a node's
+	// namespaces.
+	Wrap []string
+	// Address is where the API server listens and is reached, and the
+	// address its certificate names; the components then use the
+	// standard ports (2379, 2380, 6443, 10257), which must be free there.
+	// Zero: 127.0.0.1 on free ports.
+	Address netip.Addr
+	// Dial reaches the control plane from this process (nil: the default
+	// dialer), e.g. inside the node's network namespace.
+	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
+	// Controllers are run by the controller manager beside the API tests'
+	// endpointslice, serviceaccount, garbagecollector and namespace.
+	Controllers []string
+	// KubernetesEndpoints has the API server keep the kubernetes Service's
+	// endpoints (its lease reconciler), so that pods reach it; off, the
+	// Service has none.
+	KubernetesEndpoints bool
+}
+
+func (o Options) address() netip.Addr {
+	if o.Address.IsValid() {
+		return o.Address
+	}
+	return netip.AddrFrom4([4]byte{127, 0, 0, 1})
 }
 
 // BinDir is where the control plane binaries are: $KUBE_TESTENV_BIN.
@@ -61,19 +101,26 @@ func BinDir() (string, error) {
 	return dir, nil
 }
 
-// Start starts etcd, the API server and the controller manager, and waits
-// until the API server is ready and the controller manager healthy.
-func Start(bin, dir string) (*Env, error) {
-	e := &Env{Dir: dir, bin: bin, procs: map[string]*exec.Cmd{}}
+// Start starts etcd, the API server and the controller manager on
+// loopback, and waits until the API server is ready and the controller
+// manager healthy.
+func Start(bin, dir string) (*Env, error) { return StartWith(bin, dir, Options{}) }
+
+// StartWith is Start where and how o says.
+func StartWith(bin, dir string, o Options) (*Env, error) {
+	e := &Env{Dir: dir, bin: bin, procs: map[string]*exec.Cmd{}, opts: o}
 	if err := os.MkdirAll(filepath.Join(dir, "logs"), 0o755); err != nil {
 		return nil, err
 	}
 	if err := e.writeCredentials(); err != nil {
 		return nil, err
 	}
-	ports, err := freePorts(4)
-	if err != nil {
-		return nil, err
+	ports := []int{2379, 2380, 6443, 10257}
+	if !o.Address.IsValid() {
+		var err error
+		if ports, err = freePorts(4); err != nil {
+			return nil, err
+		}
 	}
 	e.etcdPort, e.APIPort = ports[0], ports[2]
 	etcdPeer, kcmPort := ports[1], ports[3]
@@ -102,21 +149,27 @@ func Start(bin, dir string) (*Env, error) {
 // StartAPIServer starts kube-apiserver (again, after StopAPIServer) and
 // waits until /readyz answers.
 func (e *Env) StartAPIServer() error {
+	reconciler := "none"
+	if e.opts.KubernetesEndpoints {
+		reconciler = "lease"
+	}
+	addr := e.opts.address().String()
 	if err := e.start("kube-apiserver",
 		"--etcd-servers="+fmt.Sprintf("http://127.0.0.1:%d", e.etcdPort),
-		"--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", "--secure-port="+strconv.Itoa(e.APIPort),
+		"--bind-address="+addr, "--advertise-address="+addr, "--secure-port="+strconv.Itoa(e.APIPort),
 		"--tls-cert-file="+e.path("apiserver.crt"), "--tls-private-key-file="+e.path("apiserver.key"),
-		"--service-cluster-ip-range=10.96.0.0/16,fd00:96::/108", "--endpoint-reconciler-type=none", // dual-stack Services
+		"--service-cluster-ip-range=10.96.0.0/16,fd00:96::/108", "--endpoint-reconciler-type="+reconciler, // dual-stack Services
 		"--token-auth-file="+e.path("tokens.csv"), "--client-ca-file="+e.path("ca.crt"),
 		"--authorization-mode=RBAC", "--anonymous-auth=false",
+		"--kubelet-preferred-address-types=InternalIP", // exec and logs reach a kubelet by address, never by a name to look up
 		"--service-account-issuer=https://kubernetes.default.svc",
 		"--service-account-key-file="+e.path("sa.key"), "--service-account-signing-key-file="+e.path("sa.key")); err != nil {
 		return err
 	}
 	pool := x509.NewCertPool()
 	pool.AppendCertsFromPEM(e.CA)
-	hc := &http.Client{Transport: &bearer{tok: e.adminTok, rt: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}, Timeout: time.Second}
-	if err := e.waitFor("kube-apiserver", fmt.Sprintf("https://127.0.0.1:%d/readyz", e.APIPort), hc); err != nil {
+	hc := &http.Client{Transport: &bearer{tok: e.adminTok, rt: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}, DialContext: e.opts.Dial}}, Timeout: time.Second}
+	if err := e.waitFor("kube-apiserver", e.APIURL()+"/readyz", hc); err != nil {
 		return err
 	}
 	if e.Admin == nil {
@@ -132,14 +185,17 @@ func (e *Env) StartAPIServer() error {
 // StartControllerManager starts kube-controller-manager (again, after
 // StopControllerManager) and waits until it is healthy.
 func (e *Env) StartControllerManager() error {
+	controllers := append([]string{"endpointslice", "serviceaccount", "garbagecollector", "namespace"}, e.opts.Controllers...)
 	if err := e.start("kube-controller-manager", "--kubeconfig="+e.path("admin.kubeconfig"),
-		"--controllers=endpointslice,serviceaccount,garbagecollector,namespace",
+		"--controllers="+strings.Join(controllers, ","), "--root-ca-file="+e.path("ca.crt"),
 		"--leader-elect=false", "--bind-address=127.0.0.1", "--secure-port="+strconv.Itoa(e.kcmPort),
 		"--authentication-kubeconfig="+e.path("admin.kubeconfig"), "--authorization-kubeconfig="+e.path("admin.kubeconfig"),
 		"--authentication-skip-lookup", "--v=2"); err != nil {
 		return err
 	}
-	insecure := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}, Timeout: time.Second}
+	// The health port is on the wrapped command's loopback: reached
+	// through Dial's namespace, at 127.0.0.1.
+	insecure := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}, DialContext: e.opts.Dial}, Timeout: time.Second}
 	return e.waitFor("kube-controller-manager", fmt.Sprintf("https://127.0.0.1:%d/healthz", e.kcmPort), insecure)
 }
 
@@ -149,15 +205,25 @@ func (e *Env) StopControllerManager() { e.stop("kube-controller-manager") }
 // StopAPIServer stops kube-apiserver only: an API outage.
 func (e *Env) StopAPIServer() { e.stop("kube-apiserver") }
 
+// APIURL is the API server's address, as its clients reach it.
+func (e *Env) APIURL() string {
+	return "https://" + net.JoinHostPort(e.opts.address().String(), strconv.Itoa(e.APIPort))
+}
+
 // RestConfig is a client configuration for the user with token tok.
 func (e *Env) RestConfig(tok string) *rest.Config {
 	return &rest.Config{
-		Host:            fmt.Sprintf("https://127.0.0.1:%d", e.APIPort),
+		Host:            e.APIURL(),
 		BearerToken:     tok,
 		TLSClientConfig: rest.TLSClientConfig{CAData: e.CA},
 		QPS:             100, Burst: 200,
+		Dial: e.opts.Dial,
 	}
 }
+
+// Path is the path of a file in the work folder: "ca.crt",
+// "admin.kubeconfig".
+func (e *Env) Path(name string) string { return e.path(name) }
 
 // AdminConfig is a client configuration for the admin (system:masters).
 func (e *Env) AdminConfig() *rest.Config { return e.RestConfig(e.adminTok) }
@@ -185,13 +251,20 @@ current-context: test
 	return path, os.WriteFile(path, []byte(content), 0o600)
 }
 
-// Stop stops the controller manager, the API server and etcd, in that
-// order, by the PIDs this Env started.
+// Stop stops every process this Env started, by the PIDs it started, in
+// the reverse of their start: the controller manager, the API server,
+// then etcd (and before them what Run added).
 func (e *Env) Stop() {
-	for _, name := range []string{"kube-controller-manager", "kube-apiserver", "etcd"} {
+	for _, name := range slices.Backward(e.order) {
 		e.stop(name)
 	}
+	e.order = nil
 }
+
+// Run starts another binary of the control plane's folder (kube-scheduler,
+// kubelet, containerd) the way the control plane's own are started:
+// wrapped, logging to logs/NAME.log, stopped by Stop.
+func (e *Env) Run(name string, args ...string) error { return e.start(name, args...) }
 
 func (e *Env) stop(name string) {
 	cmd, ok := e.procs[name]
@@ -217,7 +290,8 @@ func (e *Env) start(name string, args ...string) error {
 	if err != nil {
 		return err
 	}
-	cmd := exec.Command(filepath.Join(e.bin, name), args...)
+	argv := append(append(slices.Clone(e.opts.Wrap), filepath.Join(e.bin, name)), args...)
+	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
@@ -225,6 +299,7 @@ func (e *Env) start(name string, args ...string) error {
 		return fmt.Errorf("start %s: %w", name, err)
 	}
 	e.procs[name] = cmd
+	e.order = append(slices.DeleteFunc(e.order, func(n string) bool { return n == name }), name)
 	return nil
 }
 
@@ -284,7 +359,8 @@ func (e *Env) writeCredentials() error {
 	}
 	srvTmpl := &x509.Certificate{SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "kube-apiserver"},
 		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
-		IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)}, DNSNames: []string{"localhost", "kubernetes.default.svc"},
+		IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1), e.opts.address().AsSlice(), net.IPv4(10, 96, 0, 1)},
+		DNSNames:    []string{"localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc"},
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}, KeyUsage: x509.KeyUsageDigitalSignature}
 	srvDER, err := x509.CreateCertificate(rand.Reader, srvTmpl, caCert, &srvKey.PublicKey, caKey)
 	if err != nil {
@@ -318,7 +394,7 @@ func (e *Env) writeAdminKubeconfig() error {
 kind: Config
 clusters:
 - name: test
-  cluster: {server: "https://127.0.0.1:%d", certificate-authority: %s}
+  cluster: {server: "%s", certificate-authority: %s}
 users:
 - name: admin
   user: {token: %s}
@@ -326,7 +402,7 @@ contexts:
 - name: test
   context: {cluster: test, user: admin}
 current-context: test
-`, e.APIPort, e.path("ca.crt"), e.adminTok)), 0o600)
+`, e.APIURL(), e.path("ca.crt"), e.adminTok)), 0o600)
 }
 
 func ecPEM(k *ecdsa.PrivateKey) []byte {

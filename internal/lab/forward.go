@@ -4,11 +4,10 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"runtime"
 	"sync"
 	"time"
 
-	"github.com/vishvananda/netns"
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/internal/nsvisit"
 )
 
 // Forward makes target (an address on this process's own loopback, such as
@@ -98,41 +97,5 @@ func (n *NS) DialTimeout(network, addr string, timeout time.Duration) (c net.Con
 	return c, err
 }
 
-// visit runs f on a thread that has entered namespace n, so sockets f makes
-// belong to n (a socket keeps the namespace it was made in), then brings the
-// thread back. It must come back rather than be discarded: processes
-// started with Pdeathsig (the lab's, the control plane's) are killed when
-// the thread that started them exits, and any thread may have started one.
-// Only if the way back fails is the thread left locked, so the runtime ends
-// it instead of running other goroutines inside n.
-func (n *NS) visit(f func() error) error {
-	done := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		home, err := netns.Get()
-		if err != nil {
-			runtime.UnlockOSThread()
-			done <- err
-			return
-		}
-		defer home.Close()
-		ns, err := netns.GetFromName(n.Name)
-		if err != nil {
-			runtime.UnlockOSThread()
-			done <- err
-			return
-		}
-		defer ns.Close()
-		if err := netns.Set(ns); err != nil {
-			runtime.UnlockOSThread()
-			done <- err
-			return
-		}
-		err = f()
-		if netns.Set(home) == nil {
-			runtime.UnlockOSThread()
-		}
-		done <- err
-	}()
-	return <-done
-}
+// visit runs f inside namespace n (package nsvisit).
+func (n *NS) visit(f func() error) error { return nsvisit.Do(n.Name, f) }
