@@ -72,6 +72,7 @@ func TestRealNode(t *testing.T) {
 			t.Errorf("tear the node down: %v", err)
 		}
 	})
+	t.Run("Image", func(t *testing.T) { testImage(t, n) })
 	ok := t.Run("DaemonSet", func(t *testing.T) { testDaemonSet(t, n) }) &&
 		t.Run("Story", func(t *testing.T) { testStory(t, n) })
 	if ok {
@@ -97,6 +98,70 @@ func tail(s string, n int) string {
 		return s[len(s)-n:]
 	}
 	return s
+}
+
+// smokeScript runs in the proxy's image, in a network namespace of its
+// own with NET_ADMIN: the proxy serves a manifest and programs its rules,
+// which the script shows; then, stopped, --cleanup removes them.
+const smokeScript = `set -e
+# ctr gives containers an open file limit of 1024, which leaves the proxy
+# no room for connections by its budget: say how many instead.
+kube-userspace-proxy --manifests /smoke/web.yaml --healthz-bind-address= --metrics-bind-address= \
+  --tcp-max-connections=64 --udp-max-sessions=64 &
+pid=$!
+for i in $(seq 100); do
+  if iptables-save -t nat | grep -q 'default/web:http'; then break; fi
+  sleep 0.1
+done
+echo "rules while serving: $(iptables-save -t nat | grep -c 'default/web:http')"
+kill -TERM $pid
+wait $pid
+kube-userspace-proxy --cleanup
+echo "our chains after --cleanup: $(iptables-save | grep -c KUP || true)"
+`
+
+const smokeManifest = `apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  clusterIP: 10.96.0.20
+  ports: [{name: http, port: 80, protocol: TCP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: default
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints: [{addresses: [10.244.0.9], conditions: {ready: true}}]
+`
+
+// testImage is the image's smoke test in containerd, outside Kubernetes:
+// it runs --version, and in a network namespace of its own with NET_ADMIN
+// it programs its rules and --cleanup removes them.
+func testImage(t *testing.T, n *kubenode.Node) {
+	image := "docker.io/library/kube-userspace-proxy:dev"
+	out, err := n.Ctr("run", "--rm", "--cgroup", n.CgroupParent()+"/smoke-version", image, "smoke-version",
+		"/usr/local/bin/kube-userspace-proxy", "--version")
+	if err != nil || !regexp.MustCompile(`(?m)^kube-userspace-proxy \S+$`).Match(out) {
+		t.Fatalf("--version in the image: %v\n%s", err, out)
+	}
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, "web.yaml"), []byte(smokeManifest), 0o644)
+	out, err = n.Ctr("run", "--rm", "--cap-add", "CAP_NET_ADMIN", "--cgroup", n.CgroupParent()+"/smoke-rules",
+		"--mount", "type=bind,src="+dir+",dst=/smoke,options=rbind:ro", image, "smoke-rules",
+		"/bin/sh", "-c", smokeScript)
+	if err != nil {
+		t.Fatalf("the image programming its rules: %v\n%s", err, out)
+	}
+	// Two rules per ClusterIP: PORTALS-CONTAINER (pods) and -HOST (the node).
+	for _, want := range []string{"rules while serving: 2", "our chains after --cleanup: 0"} {
+		if !strings.Contains(string(out), want) {
+			t.Errorf("the image's smoke test lacks %q:\n%s", want, out)
+		}
+	}
 }
 
 // testDaemonSet applies deploy/ with the API server's address, and, as

@@ -344,11 +344,16 @@ state = %[2]q
 func (n *Node) socket() string { return n.path("containerd.sock") }
 
 // Ctr runs containerd's ctr on the node's containerd, in the namespace of
-// kubelet's containers.
+// kubelet's containers. It runs in the node's namespaces, as containerd
+// does: ctr run hands containerd the paths of FIFOs it makes under /run.
 func (n *Node) Ctr(args ...string) ([]byte, error) {
 	argv := append([]string{"--address", n.socket(), "--namespace", "k8s.io"}, args...)
-	return exec.Command(filepath.Join(n.opts.Bin, "ctr"), argv...).CombinedOutput()
+	return n.In(filepath.Join(n.opts.Bin, "ctr"), argv...).CombinedOutput()
 }
+
+// CgroupParent is the cgroup under which a container the test runs itself
+// (ctr run) must live, so that Close removes it with the pods'.
+func (n *Node) CgroupParent() string { return "/" + n.cgroupRoot }
 
 // kubelet starts kubelet with the admin's credentials (this node trusts
 // the test), cgroupfs under the node's cgroupRoot, the cluster DNS
