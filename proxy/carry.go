@@ -322,7 +322,8 @@ func dnsSocketName(proto service.Protocol, want netip.AddrPort) string {
 }
 
 // adopt gives the carrier sockets it did not take over from a process but
-// reopened itself (the DNS stub's, after a crash).
+// reopened itself, after a crash: the service ports' go on to the
+// listeners through services, the DNS stub's through take.
 func (c *carrier) adopt(fds map[string]int) {
 	c.mu.Lock()
 	defer c.mu.Unlock()

@@ -193,26 +193,16 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	defer listeners.Close()
-	carried := carry.services()
-	listeners.Adopt(carried)
 	front, err := newFrontend(&cfg, log, listeners, hm.restoreFailures)
 	if err != nil {
 		return err
 	}
-	if rf, ok := front.(*redirectFrontend); ok && len(carried) == 0 {
+	if rf, ok := front.(*redirectFrontend); ok && !carry.took {
 		// Nothing handed over: after a crash, the rules still point at
 		// the ports of the listeners before.
-		reopened := rf.reopenFromRules()
-		services := map[string]int{}
-		for name, fd := range reopened {
-			if strings.HasPrefix(name, "svc ") {
-				services[name] = fd
-				delete(reopened, name)
-			}
-		}
-		listeners.Adopt(services)
-		carry.adopt(reopened)
+		carry.adopt(rf.reopenFromRules())
 	}
+	listeners.Adopt(carry.services())
 	var healthLn, statusLn net.Listener
 	if cfg.HealthzBindAddress != "" {
 		if healthLn, err = carry.listen("healthz", cfg.HealthzBindAddress); err != nil && !errors.Is(err, syscall.EADDRINUSE) {
