@@ -115,7 +115,7 @@ node-images: image
 # DaemonSet), told with kubectl. It needs the node's build (make
 # kube-testenv: about 25 minutes on a new machine, once) and the images.
 demo-node: deps kube-testenv node-images
-	./$(NODE_IMAGES)/kup-lab demo-node --bin "$(KUBE_TESTENV_BIN)" --proxy-image "$(KUP_IMAGE_ARCHIVE)" --images "$(KUP_NODE_IMAGES)"
+	./$(NODE_IMAGES)/kup-lab demo-node --bin "$(KUBE_TESTENV_BIN)" --proxy-image "$(KUP_IMAGE_ARCHIVE)" --images "$(KUP_NODE_IMAGES)" $(if $(KEEP),--keep)
 
 # docs: docs/life-of-a-connection.md, made from a lab (its commands' real
 # output); TestLifeOfAConnectionDoc fails when the committed one differs.
