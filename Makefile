@@ -60,10 +60,10 @@ depcheck:
 
 # image: out/image/oci (an OCI layout) and out/image/kube-userspace-proxy.tar
 # (a docker-archive: docker load, ctr images import, kind load image-archive).
-# The root filesystem takes about 4.5 minutes the first time on a machine.
+# The root filesystem takes 2-3 minutes the first time on a machine.
 image: deps
 	@if [ ! -s "$(KUP_IMAGE_ROOTFS)" ]; then \
-		echo "building the image's root filesystem into $(KUP_IMAGE_ROOTFS) (about 4.5 minutes, once per machine)"; \
+		echo "building the image's root filesystem into $(KUP_IMAGE_ROOTFS) (2-3 minutes, once per machine)"; \
 		mkdir -p "$$(dirname "$(KUP_IMAGE_ROOTFS)")"; \
 		./hack/image/rootfs.sh hack/image/packages "$(KUP_IMAGE_ROOTFS)"; \
 	fi
@@ -82,7 +82,7 @@ deps:
 
 kube-testenv:
 	@if [ ! -x "$(KUBE_TESTENV_BIN)/kube-apiserver" ]; then \
-		echo "building the test control plane and node into $(KUBE_TESTENV_BIN) (about 25 minutes on a new machine, once)"; \
+		echo "building the test control plane and node into $(KUBE_TESTENV_BIN) (20-30 minutes on a new machine, once)"; \
 		rm -rf "$(KUBE_TESTENV_BIN).tmp"; \
 		(cd hack/kube-testenv && ./build.sh "$(KUBE_TESTENV_BIN).tmp") && mv "$(KUBE_TESTENV_BIN).tmp" "$(KUBE_TESTENV_BIN)"; \
 	fi
