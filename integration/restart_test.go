@@ -1,6 +1,8 @@
 package integration
 
 import (
+	"errors"
+	"os"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -63,9 +65,11 @@ func listenerOf(t *testing.T, p *lab.Proc) string {
 // byte.
 func TestHandOverDropsNothing(t *testing.T) {
 	l, client, manifest := firstStoryLab(t, "")
-	sock := filepath.Join(t.TempDir(), "handoff.sock")
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "handoff.sock")
 	flags := []string{"--handoff-socket", sock, "--shutdown-grace-period", "20s"}
-	old, err := l.StartProxy(tools, manifest, flags...)
+	oldReady, nextReady := filepath.Join(dir, "old.ready"), filepath.Join(dir, "next.ready")
+	old, err := l.StartProxy(tools, manifest, append(flags, "--ready-file", oldReady)...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -73,7 +77,7 @@ func TestHandOverDropsNothing(t *testing.T) {
 		t.Fatal(err)
 	}
 	load, download := clientLoad(t, l, client, 5*time.Second)
-	next, err := l.StartProxy(tools, manifest, flags...)
+	next, err := l.StartProxy(tools, manifest, append(flags, "--ready-file", nextReady)...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -93,6 +97,13 @@ func TestHandOverDropsNothing(t *testing.T) {
 	case <-old.Done():
 	case <-time.After(30 * time.Second):
 		t.Fatal("the old proxy did not exit")
+	}
+	// --ready-file: there once synced, gone once stopping.
+	if _, err := os.Stat(oldReady); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the stopped proxy's ready file: %v; want it removed", err)
+	}
+	if _, err := os.Stat(nextReady); err != nil {
+		t.Errorf("the serving proxy's ready file: %v", err)
 	}
 	if sent, failed := loadFailures(t, load); failed != 0 || sent < 200 {
 		t.Errorf("%d of %d requests failed across the hand-over; want none\n%s", failed, sent, load.Output())
