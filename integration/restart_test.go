@@ -58,6 +58,18 @@ func listenerOf(t *testing.T, p *lab.Proc) string {
 	return ""
 }
 
+// dnsListenOf is where a proxy's log says its DNS stub listens.
+func dnsListenOf(t *testing.T, p *lab.Proc) string {
+	t.Helper()
+	for _, line := range p.Lines(0) {
+		if e := lab.LogEntry(line); e["msg"] == "DNS stub answers the cluster domain" {
+			return e["listen"].(string)
+		}
+	}
+	t.Fatalf("no DNS stub logged:\n%s", p.Output())
+	return ""
+}
+
 // TestHandOverDropsNothing is an upgrade: a second proxy takes the
 // listening sockets of the running one over (--handoff-socket), the first
 // is stopped with SIGTERM, and a client that sends 50 requests a second on
@@ -124,7 +136,9 @@ func TestHandOverDropsNothing(t *testing.T) {
 // them (docs/node.md has the figures).
 func TestCrashRestartReopensListeners(t *testing.T) {
 	l, client, manifest := firstStoryLab(t, "")
-	old, err := l.StartProxy(tools, manifest)
+	// With the DNS stub: its two sockets are reopened on their port too.
+	flags := []string{"--cluster-dns", "10.96.0.10"}
+	old, err := l.StartProxy(tools, manifest, flags...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -132,9 +146,12 @@ func TestCrashRestartReopensListeners(t *testing.T) {
 	time.Sleep(time.Second) // load before the crash: a second of it, not a wait for a state
 	old.Signal(syscall.SIGKILL)
 	<-old.Done()
-	next, err := l.StartProxy(tools, manifest)
+	next, err := l.StartProxy(tools, manifest, flags...)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if a, b := dnsListenOf(t, old), dnsListenOf(t, next); a != b {
+		t.Errorf("after the crash the DNS stub listens on %s, before it on %s", b, a)
 	}
 	if _, err := next.WaitFor(0, time.Second, lab.LogMessage("Reopened the listeners the rules of the proxy before still point at: their clients wait for the first sync instead of being refused")); err != nil {
 		t.Fatal(err)
