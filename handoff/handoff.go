@@ -11,9 +11,9 @@
 // descriptor, the queue lives on in the new one. No port changes, so the
 // iptables rules that point at the old listeners stay right.
 //
-// The old process serves (Serve) on a unix socket at a path both see (a
-// hostPath directory in a DaemonSet); the new one connects (Take) before
-// it opens anything. The exchange is SOCK_SEQPACKET: each message is a
+// The old process serves (Listen, Serve) on a unix socket at a path both
+// see (a hostPath directory in a DaemonSet); the new one connects (Take)
+// before it opens anything. The exchange is SOCK_SEQPACKET: each message is a
 // JSON list of names with the descriptors of the same sockets attached,
 // at most maxPerMessage at a time, the last one marked; the new process
 // answers "taken" once it holds them all.
@@ -31,6 +31,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/kube-userspace-proxy/kube-userspace-proxy/internal/backoff"
 )
 
 // Socket is a listening socket's descriptor and the name its owner knows
@@ -58,41 +60,53 @@ type message struct {
 
 const taken = "taken"
 
-// Serve serves the sockets that list returns, at path, until ctx is done:
-// each process that connects, as the same user, gets them all, and then
-// handed is called with the number handed over. list gives Serve
-// descriptors of its own (dup'd: a socket the owner closes meanwhile must
-// not become another file under the same number), which Serve closes once
-// sent. A stale socket file from an
-// earlier process is replaced. Serve returns nil when ctx ends, and an
-// error if it cannot listen.
-func Serve(ctx context.Context, path string, list func() []Socket, handed func(n int)) error {
+// Listener is the running proxy's end of the hand-over: a unix socket
+// that new processes connect to.
+type Listener struct {
+	ln   *net.UnixListener
+	path string
+}
+
+// Listen makes the hand-over socket at path, replacing a stale socket
+// file from an earlier process (whoever served there has handed over
+// already, Take having run first, or is gone).
+func Listen(path string) (*Listener, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
-		return fmt.Errorf("hand-over socket %s: %w", path, err)
+		return nil, fmt.Errorf("hand-over socket %s: %w", path, err)
 	}
-	// Whoever served here before has handed over already (Take ran
-	// first), or is gone.
 	os.Remove(path)
 	ln, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: path, Net: "unixpacket"})
 	if err != nil {
-		return fmt.Errorf("hand-over socket %s: %w", path, err)
+		return nil, fmt.Errorf("hand-over socket %s: %w", path, err)
 	}
 	ln.SetUnlinkOnClose(false) // a successor may have bound the path again
 	os.Chmod(path, 0o600)
-	stop := context.AfterFunc(ctx, func() { ln.Close() })
+	return &Listener{ln: ln, path: path}, nil
+}
+
+// Serve hands the sockets that list returns to each process that
+// connects, as the same user, until ctx is done, and then closes l. After
+// each complete hand-over, handed is called with the number handed over.
+// list gives Serve descriptors of its own (dup'd: a socket the owner
+// closes meanwhile must not become another file under the same number),
+// which Serve closes once sent.
+func (l *Listener) Serve(ctx context.Context, list func() []Socket, handed func(n int)) {
+	stop := context.AfterFunc(ctx, func() { l.ln.Close() })
 	defer stop()
+	defer l.ln.Close()
+	failures := 0
 	for {
-		c, err := ln.AcceptUnix()
+		c, err := l.ln.AcceptUnix()
 		if err != nil {
-			if ctx.Err() != nil {
-				return nil
+			if ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
+				return
 			}
-			if errors.Is(err, net.ErrClosed) {
-				return nil
-			}
-			time.Sleep(100 * time.Millisecond)
+			// EMFILE and the like: wait and try again, never spin.
+			time.Sleep(backoff.Accept(failures))
+			failures++
 			continue
 		}
+		failures = 0
 		socks := list()
 		n, err := give(c, socks)
 		for _, s := range socks {

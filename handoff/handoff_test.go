@@ -31,6 +31,26 @@ func listenFD(t *testing.T) (int, string) {
 	return fd, ln.Addr().String()
 }
 
+// serve serves dups of socks at path until the returned stop is called,
+// which waits for Serve to return. The socket listens once serve returns.
+func serve(t *testing.T, path string, socks []Socket, handed func(int)) (stop func()) {
+	t.Helper()
+	l, err := Listen(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		l.Serve(ctx, dups(t, socks), handed)
+	}()
+	return func() {
+		cancel()
+		<-done
+	}
+}
+
 func dups(t *testing.T, socks []Socket) func() []Socket {
 	return func() []Socket {
 		var out []Socket
@@ -59,29 +79,16 @@ func TestQueuedConnectionSurvives(t *testing.T) {
 	defer queued.Close()
 	queued.Write([]byte("before"))
 
-	ctx, cancel := context.WithCancel(context.Background())
 	handed := make(chan int, 1)
-	served := make(chan error, 1)
-	go func() {
-		served <- Serve(ctx, path, dups(t, []Socket{{Name: "TCP default/web:http 0.0.0.0:0", FD: fd}}), func(n int) { handed <- n })
-	}()
-	var socks []Socket
-	for range 100 { // until Serve listens
-		if socks, err = Take(path, 5*time.Second); err != nil || socks != nil {
-			break
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	stop := serve(t, path, []Socket{{Name: "TCP default/web:http 0.0.0.0:0", FD: fd}}, func(n int) { handed <- n })
+	socks, err := Take(path, 5*time.Second)
 	if err != nil || len(socks) != 1 || socks[0].Name != "TCP default/web:http 0.0.0.0:0" {
 		t.Fatalf("Take: %v, %v; want the one socket", socks, err)
 	}
 	if n := <-handed; n != 1 {
 		t.Errorf("handed %d, want 1", n)
 	}
-	cancel()
-	if err := <-served; err != nil {
-		t.Errorf("Serve: %v", err)
-	}
+	stop()
 	unix.Close(fd) // the old process lets go
 	after, err := net.Dial("tcp4", addr)
 	if err != nil {
@@ -131,17 +138,8 @@ func TestManySockets(t *testing.T) {
 			unix.Close(s.FD)
 		}
 	}()
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	go Serve(ctx, path, dups(t, socks), func(int) {})
-	var got []Socket
-	var err error
-	for range 100 {
-		if got, err = Take(path, 5*time.Second); err != nil || got != nil {
-			break
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	defer serve(t, path, socks, func(int) {})()
+	got, err := Take(path, 5*time.Second)
 	if err != nil || len(got) != len(socks) {
 		t.Fatalf("took %d sockets, %v; want %d", len(got), err, len(socks))
 	}

@@ -1,6 +1,7 @@
 package integration
 
 import (
+	"context"
 	"errors"
 	"os"
 	"path/filepath"
@@ -9,6 +10,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"k8s.io/apimachinery/pkg/util/wait"
 
 	"github.com/kube-userspace-proxy/kube-userspace-proxy/internal/lab"
 )
@@ -58,6 +61,19 @@ func listenerOf(t *testing.T, p *lab.Proc) string {
 	return ""
 }
 
+// waitProxied waits until the proxy in the lab's node has proxied n TCP
+// connections (its metrics, on the node's loopback).
+func waitProxied(t *testing.T, l *lab.Lab, n float64) {
+	t.Helper()
+	err := wait.PollUntilContextTimeout(t.Context(), 20*time.Millisecond, 20*time.Second, true, func(ctx context.Context) (bool, error) {
+		m, _ := l.Node.Curl(ctx, "http://127.0.0.1:10249/metrics")
+		return metricValue(m, `kube_userspace_proxy_connections_total{protocol="TCP",result="ok"}`) >= n, nil
+	})
+	if err != nil {
+		t.Fatalf("the proxy never carried %v connections: %v", n, err)
+	}
+}
+
 // dnsListenOf is where a proxy's log says its DNS stub listens.
 func dnsListenOf(t *testing.T, p *lab.Proc) string {
 	t.Helper()
@@ -89,6 +105,7 @@ func TestHandOverDropsNothing(t *testing.T) {
 		t.Fatal(err)
 	}
 	load, download := clientLoad(t, l, client, 5*time.Second)
+	waitProxied(t, l, 20) // the hand-over happens under the load
 	next, err := l.StartProxy(tools, manifest, append(flags, "--ready-file", nextReady)...)
 	if err != nil {
 		t.Fatal(err)
@@ -143,7 +160,7 @@ func TestCrashRestartReopensListeners(t *testing.T) {
 		t.Fatal(err)
 	}
 	load, _ := clientLoad(t, l, client, 4*time.Second)
-	time.Sleep(time.Second) // load before the crash: a second of it, not a wait for a state
+	waitProxied(t, l, 20) // the load runs through the proxy before the crash
 	old.Signal(syscall.SIGKILL)
 	<-old.Done()
 	next, err := l.StartProxy(tools, manifest, flags...)

@@ -109,7 +109,7 @@ func (c *carrier) services() map[string]int {
 	defer c.mu.Unlock()
 	out := map[string]int{}
 	for name, fd := range c.taken {
-		if strings.HasPrefix(name, "svc ") {
+		if strings.HasPrefix(name, userspace.CarriedPrefix) {
 			out[name] = fd
 			delete(c.taken, name)
 		}
@@ -216,11 +216,16 @@ func (c *carrier) serve(ctx context.Context, listeners *userspace.Listeners, rea
 		return nil
 	case <-ready:
 	}
+	l, err := handoff.Listen(c.path)
+	if err != nil {
+		return err
+	}
 	c.log.WithField("path", c.path).Info("Serving the hand-over socket: a new proxy takes the listeners from here")
-	return handoff.Serve(ctx, c.path, func() []handoff.Socket { return c.list(listeners) }, func(n int) {
+	l.Serve(ctx, func() []handoff.Socket { return c.list(listeners) }, func(n int) {
 		c.log.WithField("sockets", n).Info("Handed the listening sockets over to a new proxy: writing no more rules, serving what is established")
 		c.retireOnce.Do(func() { close(c.retired) })
 	})
+	return nil
 }
 
 // untilRetired is ctx, also ended once a successor took the sockets: the

@@ -71,10 +71,11 @@ func openDNS(cfg *Config, addr netip.AddrPort, c *carrier) (net.PacketConn, net.
 		pc, ln = nil, nil
 	} else {
 		// One without the other is of no use: the rules name one port.
-		for _, fd := range []int{udpFD, tcpFD} {
-			if fd > 0 {
-				unix.Close(fd)
-			}
+		if okU {
+			unix.Close(udpFD)
+		}
+		if okT {
+			unix.Close(tcpFD)
 		}
 	}
 	open := func(port int) (int, error) {

@@ -10,11 +10,13 @@ package node
 import (
 	"context"
 	"fmt"
+	"io"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -289,9 +291,21 @@ func testUpgrade(t *testing.T, n *kubenode.Node) {
 		}()
 		return ch
 	}
+	// The upgrade begins once the load runs through the proxy: its
+	// metrics, on the node's loopback, count the connections carried.
+	hc := &http.Client{Transport: &http.Transport{DialContext: n.Dial}, Timeout: 2 * time.Second}
+	before := proxiedConnections(hc)
+	if before < 0 {
+		t.Fatal("the proxy's metrics cannot be read on the node")
+	}
 	load := run("load", "--rate", "50", "--duration", "25s", "http://svc-test-1/")
 	download := run("download", "http://svc-test-1/bytes?n=20000000&rate=1000000")
-	time.Sleep(2 * time.Second) // the load runs before the upgrade begins: two seconds of it
+	err := wait.PollUntilContextTimeout(ctx, 50*time.Millisecond, 30*time.Second, true, func(context.Context) (bool, error) {
+		return proxiedConnections(hc) >= before+50, nil
+	})
+	if err != nil {
+		t.Fatalf("the load never reached the proxy: %v", err)
+	}
 	if out, err := n.Kubectl("-n", "kube-system", "set", "image", "daemonset/kube-userspace-proxy", "kube-userspace-proxy=kube-userspace-proxy:v2").CombinedOutput(); err != nil {
 		t.Fatalf("kubectl set image: %v\n%s", err, out)
 	}
@@ -299,7 +313,7 @@ func testUpgrade(t *testing.T, n *kubenode.Node) {
 		t.Fatalf("the upgrade did not finish: %v\n%s\n%s", err, out, describe(n))
 	}
 	// The old pod is gone once it drained.
-	err := wait.PollUntilContextTimeout(ctx, 200*time.Millisecond, 60*time.Second, true, func(ctx context.Context) (bool, error) {
+	err = wait.PollUntilContextTimeout(ctx, 200*time.Millisecond, 60*time.Second, true, func(ctx context.Context) (bool, error) {
 		_, err := n.Env.Admin.CoreV1().Pods("kube-system").Get(ctx, old.Name, metav1.GetOptions{})
 		return err != nil, nil
 	})
@@ -329,4 +343,25 @@ func testUpgrade(t *testing.T, n *kubenode.Node) {
 	if d.err != nil || strings.TrimSpace(string(d.out)) != "ok 20000000 bytes" {
 		t.Errorf("the download across the upgrade: %v\n%s", d.err, d.out)
 	}
+}
+
+// proxiedConnections is the TCP connections the node's proxy has carried,
+// from its metrics; -1 when they cannot be read.
+func proxiedConnections(hc *http.Client) float64 {
+	resp, err := hc.Get("http://127.0.0.1:10249/metrics")
+	if err != nil {
+		return -1
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	const series = `kube_userspace_proxy_connections_total{protocol="TCP",result="ok"} `
+	for line := range strings.Lines(string(body)) {
+		if v, ok := strings.CutPrefix(line, series); ok {
+			f, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
+			if err == nil {
+				return f
+			}
+		}
+	}
+	return -1
 }

@@ -21,11 +21,15 @@ import (
 // in the socket's accept queue, and are accepted as soon as the listener
 // knows its endpoints.
 
+// CarriedPrefix begins every CarriedName: the other sockets a process
+// carries over (health, metrics, the DNS stub's) are named otherwise.
+const CarriedPrefix = "svc "
+
 // CarriedName names a listening socket from one process to the next: its
 // service port and the address it was asked for (port 0: a port of the
 // proxy port range, in redirect mode).
 func CarriedName(k service.Key, want netip.AddrPort) string {
-	return "svc " + k.String() + " " + want.String()
+	return CarriedPrefix + k.String() + " " + want.String()
 }
 
 // Carry lists every listening socket of the set by its CarriedName, for a
@@ -37,18 +41,9 @@ func (ls *Listeners) Carry() map[string]int {
 	out := map[string]int{}
 	for k, l := range ls.active {
 		for want, sock := range l.sockets {
-			var fd int
-			switch s := sock.(type) {
-			case *tcpSocket:
-				fd = s.fd
-			case *udpSocket:
-				fd = s.fd
-			default:
-				continue
-			}
 			// F_DUPFD_CLOEXEC, as the fds of Go's net package: no
 			// child process inherits it.
-			if dup, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0); err == nil {
+			if dup, err := unix.FcntlInt(uintptr(sock.descriptor()), unix.F_DUPFD_CLOEXEC, 0); err == nil {
 				out[CarriedName(k, want)] = dup
 			}
 		}

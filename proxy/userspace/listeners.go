@@ -354,6 +354,9 @@ type portListener struct {
 type socket interface {
 	// addr is the address the socket is bound to.
 	addr() netip.AddrPort
+	// descriptor is the bound socket's, for a process that takes it over
+	// (carry.go).
+	descriptor() int
 	// close stops accepting; TCP connections already proxied keep running.
 	close()
 	// endpointsChanged is called after the balancer's endpoints changed.

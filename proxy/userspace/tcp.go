@@ -80,6 +80,7 @@ func (l *portListener) serveTCP(fd int, bound netip.AddrPort) (socket, error) {
 }
 
 func (s *tcpSocket) addr() netip.AddrPort { return s.bound }
+func (s *tcpSocket) descriptor() int      { return s.fd }
 func (s *tcpSocket) endpointsChanged()    {} // connections stay with their endpoint
 
 // close stops accepting, and returns once the socket is closed, so that its

@@ -133,6 +133,7 @@ func (l *portListener) serveUDP(fd int, bound netip.AddrPort) (socket, error) {
 }
 
 func (u *udpSocket) addr() netip.AddrPort { return u.bound }
+func (u *udpSocket) descriptor() int      { return u.fd }
 
 // endpointsChanged ends the sessions of endpoints that are gone, so that the
 // client's next datagram picks a live one instead of being sent to a pod that
